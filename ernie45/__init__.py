@@ -1,0 +1,16 @@
+"""ernie45: ERNIE 4.5 in PyTorch."""
+
+from .checkpoint import load_model, save_model
+from .models import Ernie45Config, Ernie45ForCausalLM
+
+__version__ = "0.1.0"
+
+
+def load_tokenizer(path):
+    """Load a checkpoint directory's tokenizer (SentencePiece or tokenizer.json) with its chat template."""
+    from .tokenizer import load_tokenizer as _load
+
+    return _load(path)
+
+
+__all__ = ["Ernie45Config", "Ernie45ForCausalLM", "__version__", "load_model", "load_tokenizer", "save_model"]

@@ -1,0 +1,77 @@
+"""The one place that knows HF tensor names of ERNIE 4.5 text checkpoints.
+
+Our parameters carry transformers' in-memory names, except two: routed experts are stacked
+(`mlp.experts.gate_up_proj` [E, 2I, H], `mlp.experts.down_proj` [E, H, I]) and the correction bias lives at the
+released name `mlp.moe_statics.e_score_correction_bias`. On disk we meet three spellings:
+- released `-PT` layout: `mlp.experts.{e}.{gate,up,down}_proj.weight`, `mlp.moe_statics.e_score_correction_bias`;
+- transformers' fused in-memory layout: `mlp.experts.gate_up_proj`, `mlp.experts.down_proj`,
+  `mlp.gate.moe_statics.e_score_correction_bias`;
+- our own names (identical to the fused layout but for the bias).
+A checkpoint tensor maps to (our parameter name, where in it): the whole tensor, or one expert's slice.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+_PER_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
+_HF_FUSED_BIAS = re.compile(r"^(model\.layers\.\d+\.mlp)\.gate\.moe_statics\.e_score_correction_bias$")
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a checkpoint tensor goes: parameter `name`, at expert `expert` and row half `half` (None = whole)."""
+
+    name: str
+    expert: int | None = None
+    half: str | None = None  # "gate" | "up" for gate_up_proj rows; None for down_proj / whole tensors
+
+
+def target_of(hf_name: str) -> Target:
+    """Map a checkpoint tensor name to our parameter (names we do not know map to themselves and are reported)."""
+    m = _PER_EXPERT.match(hf_name)
+    if m:
+        prefix, expert, which = m.group(1), int(m.group(2)), m.group(3)
+        if which == "down":
+            return Target(f"{prefix}.down_proj", expert)
+        return Target(f"{prefix}.gate_up_proj", expert, which)
+    m = _HF_FUSED_BIAS.match(hf_name)
+    if m:
+        return Target(f"{m.group(1)}.moe_statics.e_score_correction_bias")
+    return Target(hf_name)
+
+
+def place(param: torch.Tensor, target: Target, tensor: torch.Tensor) -> torch.Tensor:
+    """The view of `param` that `tensor` fills (raises ValueError with both shapes on mismatch)."""
+    if target.expert is None:
+        view = param
+    else:
+        if target.expert >= param.shape[0]:
+            raise ValueError(f"expert index {target.expert} out of range: the model has {param.shape[0]} experts")
+        view = param[target.expert]
+        if target.half is not None:
+            inter = view.shape[0] // 2
+            view = view[:inter] if target.half == "gate" else view[inter:]
+    if tuple(view.shape) != tuple(tensor.shape):
+        raise ValueError(f"shape {tuple(tensor.shape)} in the checkpoint, the model expects {tuple(view.shape)}")
+    return view
+
+
+def to_released(name: str, param: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    """Our parameter -> the released per-expert tensors (views; callers make them contiguous when writing)."""
+    if name.endswith(".mlp.experts.gate_up_proj"):
+        prefix = name[: -len(".gate_up_proj")]
+        inter = param.shape[1] // 2
+        for e in range(param.shape[0]):
+            yield f"{prefix}.{e}.gate_proj.weight", param[e, :inter]
+            yield f"{prefix}.{e}.up_proj.weight", param[e, inter:]
+    elif name.endswith(".mlp.experts.down_proj"):
+        prefix = name[: -len(".down_proj")]
+        for e in range(param.shape[0]):
+            yield f"{prefix}.{e}.down_proj.weight", param[e]
+    else:
+        yield name, param

@@ -1,0 +1,165 @@
+"""Load an HF-layout ERNIE 4.5 checkpoint: build on the meta device, then copy each safetensors tensor straight
+into its (uninitialised) parameter, so peak memory stays about one copy of the weights."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from ..models.config import Ernie45Config
+from ..models.ernie45 import Ernie45ForCausalLM
+from ..models.layers import RotaryEmbedding
+from .hf_layout import place, target_of
+from .hub import resolve_model_path
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Router weights and correction biases stay fp32 whatever the model dtype (as released and in transformers).
+FP32_PARAM_SUFFIXES = (".mlp.gate.weight", ".e_score_correction_bias")
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def parse_dtype(dtype: str | torch.dtype | None, config: Ernie45Config) -> torch.dtype:
+    """'auto'/None -> the checkpoint's dtype (config `dtype`/`torch_dtype`), else float32."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ValueError(f"dtype {dtype} is not supported; use one of {', '.join(DTYPES)}")
+        return dtype
+    if dtype in (None, "auto"):
+        dtype = config.extra.get("dtype") or config.extra.get("torch_dtype") or "float32"
+        return DTYPES.get(dtype, torch.float32)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; use one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def list_weight_files(directory: Path) -> dict[str, Path]:
+    """tensor name -> safetensors file, from the index when sharded."""
+    index = directory / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ValueError(f"{index}: not a valid safetensors index (needs a 'weight_map' object): {exc}") from exc
+        missing = sorted({f for f in weight_map.values() if not (directory / f).is_file()})
+        if missing:
+            raise FileNotFoundError(f"{index} names shard(s) that are not in {directory}: {', '.join(missing)}")
+        return {name: directory / f for name, f in weight_map.items()}
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        present = ", ".join(sorted(p.name for p in directory.iterdir())) or "nothing"
+        raise FileNotFoundError(
+            f"{directory}: no model.safetensors or {INDEX_FILE} (found: {present}). ernie45 reads the HF safetensors "
+            f"layout of the `-PT` checkpoints; Paddle checkpoints (.pdparams) are not supported."
+        )
+    names: dict[str, Path] = {}
+    for file in files:
+        with _open(file) as f:
+            for name in f.keys():
+                names[name] = file
+    return names
+
+
+def _open(file: Path):
+    try:
+        return safe_open(str(file), framework="pt")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"{file}: cannot read safetensors file (truncated or corrupt?): {exc}") from exc
+
+
+def count_mtp_layers(names, config: Ernie45Config) -> int:
+    """MTP depth present in the checkpoint (built only when its tensors are there)."""
+    depths = {int(n.split(".")[2]) for n in names if n.startswith("model.mtp_block.")}
+    present = max(depths) + 1 if depths else 0
+    return min(present, config.num_nextn_predict_layers or present)
+
+
+def build_empty_model(config: Ernie45Config, dtype: torch.dtype, num_mtp_layers: int = 0, device="cpu"):
+    """The model with uninitialised weights in `dtype` (router params fp32) on `device`, built via meta."""
+    with torch.device("meta"):
+        model = Ernie45ForCausalLM(config, num_mtp_layers)
+    for name, p in model.named_parameters():
+        p.data = p.data.to(torch.float32 if name.endswith(FP32_PARAM_SUFFIXES) else dtype)
+    model.to_empty(device=device)
+    model.tie_weights()
+    # Non-persistent buffers are not in checkpoints: recompute them on the real device.
+    model.model.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.compression_ratio).to(device)
+    return model
+
+
+def load_model(
+    model: str | Path, dtype: str | torch.dtype | None = "auto", device: str | torch.device = "cpu"
+) -> Ernie45ForCausalLM:
+    """Load a local checkpoint directory or hub id into an `Ernie45ForCausalLM` in eval mode."""
+    directory = resolve_model_path(model)
+    config = Ernie45Config.from_file(directory)
+    torch_dtype = parse_dtype(dtype, config)
+    weight_files = list_weight_files(directory)
+    mtp_layers = count_mtp_layers(weight_files, config)
+    net = build_empty_model(config, torch_dtype, mtp_layers, device)
+    params = dict(net.named_parameters())
+    filled: dict[str, set] = defaultdict(set)
+    unexpected: list[str] = []
+    by_file: dict[Path, list[str]] = defaultdict(list)
+    for name, file in weight_files.items():
+        by_file[file].append(name)
+    with torch.no_grad():
+        for file, names in by_file.items():
+            with _open(file) as f:
+                for name in names:
+                    target = target_of(name)
+                    if target.name == "lm_head.weight" and config.tie_word_embeddings:
+                        continue  # some tied checkpoints carry a copy of the embedding; the tie wins
+                    if target.name.startswith("model.mtp_") and target.name not in params:
+                        continue  # MTP layers beyond num_nextn_predict_layers
+                    if target.name not in params:
+                        unexpected.append(name)
+                        continue
+                    try:
+                        tensor = f.get_tensor(name)
+                        view = place(params[target.name], target, tensor)
+                    except (SafetensorError, OSError) as exc:
+                        raise ValueError(f"{file}: tensor {name} cannot be read (truncated or corrupt?): {exc}") from exc
+                    except ValueError as exc:
+                        raise ValueError(f"{file}: tensor {name}: {exc}") from exc
+                    view.copy_(tensor)
+                    filled[target.name].add((target.expert, target.half))
+    missing = [n for n, p in params.items() if not _fully_filled(n, p, filled.get(n), net)]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors ({len(missing)}): {', '.join(missing[:20])}" + (" ..." if len(missing) > 20 else ""))
+        if unexpected:
+            parts.append(
+                f"unexpected tensors ({len(unexpected)}): {', '.join(unexpected[:20])}" + (" ..." if len(unexpected) > 20 else "")
+            )
+        raise ValueError(f"{directory}: checkpoint does not match its config.json: " + "; ".join(parts))
+    net.eval()
+    net.source_dir = directory
+    net.generation_config = _read_generation_config(directory)
+    return net
+
+
+def _fully_filled(name: str, param: torch.Tensor, slots: set | None, net: Ernie45ForCausalLM) -> bool:
+    if name == "lm_head.weight" and net.config.tie_word_embeddings:
+        return True
+    if not slots:
+        return False
+    if name.endswith(".experts.gate_up_proj"):
+        return len(slots) == param.shape[0] * 2 or (None, None) in slots
+    if name.endswith(".experts.down_proj"):
+        return len(slots) == param.shape[0] or (None, None) in slots
+    return True
+
+
+def _read_generation_config(directory: Path) -> dict:
+    path = directory / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON (line {exc.lineno}): {exc.msg}") from exc

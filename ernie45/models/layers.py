@@ -1,0 +1,103 @@
+"""Building blocks shared by every ERNIE 4.5 model: linear with a CPU dtype policy, RMSNorm, SwiGLU MLP, RoPE.
+
+Legend: B batch, T tokens, H hidden, D head dim, I intermediate.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Below this many rows a half-precision matmul is a memory-bound GEMV, where half-precision storage wins (half the
+# bytes); above it the matmul is compute-bound, and CPUs without native bf16/fp16 arithmetic are 10-100x slower in
+# half precision than in fp32, so the weight is upcast for that call.
+_HALF_GEMV_MAX_ROWS = 16
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_fast_half(dtype: torch.dtype) -> bool:
+    """Whether this CPU computes `dtype` matmuls natively (AVX512-BF16 / AMX / AVX512-FP16), read from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    if dtype == torch.bfloat16:
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    return "avx512_fp16" in flags or "amx_fp16" in flags
+
+
+class Linear(nn.Linear):
+    """nn.Linear that computes large half-precision CPU matmuls in fp32 where the CPU lacks half arithmetic.
+
+    A plain nn.Linear subclass so quantization and LoRA can swap or wrap it like any linear.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if (
+            w.device.type == "cpu"
+            and w.dtype in (torch.bfloat16, torch.float16)
+            and x.numel() > _HALF_GEMV_MAX_ROWS * w.shape[1]
+            and not cpu_has_fast_half(w.dtype)
+        ):
+            bias = None if self.bias is None else self.bias.float()
+            return F.linear(x.float(), w.float(), bias).to(x.dtype)
+        return F.linear(x, w, self.bias)
+
+
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) in fp32, cast back to the input dtype, then scaled (transformers' order)."""
+
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)): the dense MLP and the shared experts."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool):
+        super().__init__()
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias=bias)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=bias)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class RotaryEmbedding(nn.Module):
+    """Interleaved (GPT-J style) rotary embedding: frequency i rotates dims (2i, 2i+1), computed in fp32."""
+
+    def __init__(self, head_dim: int, theta: float, compression_ratio: float = 1.0):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.compression_ratio = compression_ratio
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [..., T] -> (cos, sin), each [..., T, D/2] fp32."""
+        pos = positions.float()
+        if self.compression_ratio != 1.0:
+            pos = pos / self.compression_ratio
+        freqs = pos[..., None] * self.inv_freq.float()
+        return freqs.cos(), freqs.sin()
+
+
+def apply_rotary(x_BTND: torch.Tensor, cos_BTF: torch.Tensor, sin_BTF: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[2i], x[2i+1]) by the angle of frequency i; returns the input dtype."""
+    x = x_BTND.float().unflatten(-1, (-1, 2))
+    x0, x1 = x[..., 0], x[..., 1]
+    cos, sin = cos_BTF.unsqueeze(-2), sin_BTF.unsqueeze(-2)  # broadcast over heads
+    out = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1)
+    return out.flatten(-2).to(x_BTND.dtype)

@@ -1,0 +1,106 @@
+"""ERNIE 4.5 mixture-of-experts block: fp32 softmax router with a selection-only correction bias, routed experts
+grouped by expert (one matmul pair per active expert, never a loop over tokens) and optional shared experts.
+
+Legend: N tokens (flattened), H hidden, E experts, K experts per token, I expert width.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import Ernie45Config
+from .layers import SwiGLU
+
+
+class MoeStatics(nn.Module):
+    """Holds the expert-score correction bias [1, E] (released name `mlp.moe_statics.e_score_correction_bias`).
+
+    It is a parameter without gradient: the aux-loss-free balancing updates it in place between steps.
+    """
+
+    def __init__(self, num_experts: int):
+        super().__init__()
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(1, num_experts, dtype=torch.float32), requires_grad=False)
+
+
+class Router(nn.Module):
+    """Top-k gate: softmax(x W^T) in fp32; the bias changes WHICH experts win, never their weights."""
+
+    def __init__(self, config: Ernie45Config):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(config.moe_num_experts, config.hidden_size, dtype=torch.float32))
+        self.top_k = config.moe_k
+        self.norm_min = config.moe_norm_min
+
+    def forward(
+        self, x_NH: torch.Tensor, correction_bias_1E: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (router logits [N, E] fp32, routing weights [N, K] in x's dtype, expert ids [N, K])."""
+        with torch.autocast(device_type=x_NH.device.type, enabled=False):
+            logits_NE = F.linear(x_NH.float(), self.weight.float())
+            probs_NE = logits_NE.softmax(dim=-1)
+            _, idx_NK = torch.topk(probs_NE + correction_bias_1E.float(), self.top_k, dim=-1)
+            w_NK = probs_NE.gather(-1, idx_NK)
+            w_NK = w_NK / w_NK.sum(dim=-1, keepdim=True).clamp(min=self.norm_min)
+        return logits_NE, w_NK.to(x_NH.dtype), idx_NK
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts stored stacked (transformers' fused layout): gate_up_proj [E, 2I, H] (gate rows first),
+    down_proj [E, H, I]. Stacking lets the grouped forward slice one expert's weights without copies."""
+
+    def __init__(self, config: Ernie45Config):
+        super().__init__()
+        E, H, I = config.moe_num_experts, config.hidden_size, config.moe_intermediate_size
+        self.num_experts = E
+        self.intermediate_size = I
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
+        self.down_proj = nn.Parameter(torch.empty(E, H, I))
+
+    def expert_forward(self, e: int, x_MH: torch.Tensor) -> torch.Tensor:
+        gate_MI, up_MI = F.linear(x_MH, self.gate_up_proj[e]).chunk(2, dim=-1)
+        return F.linear(F.silu(gate_MI) * up_MI, self.down_proj[e])
+
+    def forward(self, x_NH: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
+        N, K = idx_NK.shape
+        flat_expert = idx_NK.reshape(-1)
+        order = flat_expert.argsort(stable=True)  # assignments grouped by expert
+        token_of = order // K  # token index of each sorted assignment
+        counts = torch.bincount(flat_expert, minlength=self.num_experts).tolist()
+        weights = w_NK.reshape(-1)[order, None]
+        out_NH = torch.zeros_like(x_NH)
+        start = 0
+        for e, count in enumerate(counts):
+            if count == 0:
+                continue
+            tokens = token_of[start : start + count]
+            y = self.expert_forward(e, x_NH[tokens]) * weights[start : start + count]
+            out_NH.index_add_(0, tokens, y)
+            start += count
+        return out_NH
+
+
+class MoeBlock(nn.Module):
+    """shared(x) + sum_k w_k * expert_k(x), per token."""
+
+    def __init__(self, config: Ernie45Config):
+        super().__init__()
+        self.gate = Router(config)
+        self.moe_statics = MoeStatics(config.moe_num_experts)
+        self.experts = Experts(config)
+        self.shared_experts = None
+        if config.moe_num_shared_experts > 0:
+            width = config.moe_intermediate_size * config.moe_num_shared_experts
+            self.shared_experts = SwiGLU(config.hidden_size, width, bias=config.use_bias)
+
+    def forward(self, x_BTH: torch.Tensor, router_logits: list[torch.Tensor] | None = None) -> torch.Tensor:
+        x_NH = x_BTH.reshape(-1, x_BTH.shape[-1])
+        logits_NE, w_NK, idx_NK = self.gate(x_NH, self.moe_statics.e_score_correction_bias)
+        if router_logits is not None:
+            router_logits.append(logits_NE)
+        y_NH = self.experts(x_NH, idx_NK, w_NK)
+        if self.shared_experts is not None:
+            y_NH = y_NH + self.shared_experts(x_NH)
+        return y_NH.view_as(x_BTH)
