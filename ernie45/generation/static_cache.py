@@ -1,0 +1,62 @@
+"""A preallocated contiguous KV cache: the attention backend of the model core's `generate`.
+
+Every row of the batch has the same length (the engine, not this cache, handles ragged batches). Decode steps
+attend with grouped query heads against the cached K/V directly, so GQA never copies the cache.
+Legend: L layers, B batch, K kv heads, G query heads per kv head, S cache slots, T new tokens, D head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..models.config import Ernie45Config
+
+
+class StaticKVCache:
+    def __init__(
+        self,
+        config: Ernie45Config,
+        batch_size: int,
+        max_len: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+        extra_layers: int = 0,
+    ):
+        shape = (config.num_hidden_layers + extra_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.k_LBKSD = torch.zeros(shape, dtype=dtype, device=device)
+        self.v_LBKSD = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.length = 0  # tokens stored so far (same for every row)
+        self._pending = 0  # tokens of the forward in flight
+
+    def attend(self, layer_idx, q_BTND, k_BTKD, v_BTKD, scale):
+        B, T, N, D = q_BTND.shape
+        start, end = self.length, self.length + T
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} tokens needed, the cache holds {self.max_len}")
+        self._pending = T
+        self.k_LBKSD[layer_idx, :, :, start:end] = k_BTKD.transpose(1, 2)
+        self.v_LBKSD[layer_idx, :, :, start:end] = v_BTKD.transpose(1, 2)
+        k = self.k_LBKSD[layer_idx, :, :, :end]
+        v = self.v_LBKSD[layer_idx, :, :, :end]
+        K = k.shape[1]
+        if T == 1:
+            # [B, K, G, D] x [B, K, D, S]: each kv head serves its G query heads without repeating K/V.
+            q = q_BTND.view(B, K, N // K, D)
+            scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+            o = torch.matmul(scores.softmax(-1).to(v.dtype), v)
+            return o.view(B, 1, N, D)
+        q = q_BTND.transpose(1, 2)
+        if start == 0:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=K != N)
+        else:
+            rows = torch.arange(start, end, device=q.device)[:, None]
+            mask = torch.arange(end, device=q.device)[None, :] <= rows
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=K != N)
+        return o.transpose(1, 2)
+
+    def advance(self) -> None:
+        """Commit the tokens of the last forward (call once per model forward, after all layers ran)."""
+        self.length += self._pending
+        self._pending = 0
