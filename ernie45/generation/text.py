@@ -1,0 +1,35 @@
+"""Text in, streamed text out: tokenizer + `stream_generate` + incremental detokenization."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from ..models.ernie45 import Ernie45ForCausalLM
+from ..tokenizer import IncrementalDetokenizer
+from .generate import GenerationConfig, stream_generate
+
+
+def stream_text(model: Ernie45ForCausalLM, tokenizer, prompt_ids: list[int], cfg: GenerationConfig) -> Iterator[str]:
+    """Yields text deltas (never half a UTF-8 character); stop tokens end the stream and are not shown."""
+    if not prompt_ids:
+        raise ValueError("the prompt is empty after tokenization")
+    detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=True)
+    stops = set(cfg.stop_token_ids)
+    for next_ids in stream_generate(model, torch.tensor([prompt_ids]), cfg):
+        token = int(next_ids[0])
+        if token in stops:
+            break
+        delta = detok.push(token)
+        if delta:
+            yield delta
+    tail = detok.flush()
+    if tail:
+        yield tail
+
+
+def stop_ids_for(tokenizer, model: Ernie45ForCausalLM) -> tuple[int, ...]:
+    """`</s>` and `<|end_of_sentence|>` (from the tokenizer) plus the config's eos ids."""
+    ids = set(getattr(tokenizer, "stop_token_ids", []) or []) | set(model.config.eos_token_ids)
+    return tuple(sorted(ids))
