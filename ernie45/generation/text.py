@@ -30,6 +30,9 @@ def stream_text(model: Ernie45ForCausalLM, tokenizer, prompt_ids: list[int], cfg
 
 
 def stop_ids_for(tokenizer, model: Ernie45ForCausalLM) -> tuple[int, ...]:
-    """`</s>` and `<|end_of_sentence|>` (from the tokenizer) plus the config's eos ids."""
+    """`</s>` and `<|end_of_sentence|>` (from the tokenizer) plus the eos ids of config and generation_config."""
     ids = set(getattr(tokenizer, "stop_token_ids", []) or []) | set(model.config.eos_token_ids)
+    generation_eos = (getattr(model, "generation_config", None) or {}).get("eos_token_id")
+    if generation_eos is not None:
+        ids |= set(generation_eos if isinstance(generation_eos, list) else [generation_eos])
     return tuple(sorted(ids))
