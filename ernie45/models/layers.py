@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import gemv as gemv_kernel
+
 # Below this many rows a half-precision matmul is a memory-bound GEMV, where half-precision storage wins (half the
 # bytes); above it the matmul is compute-bound, and CPUs without native bf16/fp16 arithmetic are 10-100x slower in
 # half precision than in fp32, so the weight is upcast for that call.
@@ -30,23 +32,33 @@ def cpu_has_fast_half(dtype: torch.dtype) -> bool:
     return "avx512_fp16" in flags or "amx_fp16" in flags
 
 
-class Linear(nn.Linear):
-    """nn.Linear that computes large half-precision CPU matmuls in fp32 where the CPU lacks half arithmetic.
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, routed on the CPU by how many rows x has.
 
-    A plain nn.Linear subclass so quantization and LoRA can swap or wrap it like any linear.
+    - <= 16 rows without autograd (decode): our GEMV kernel, which streams the weight once at close to memory
+      bandwidth (torch's small-M matmuls reach about half of it);
+    - many rows, half-precision weight, CPU without half arithmetic (prefill): the weight is upcast to fp32.
     """
+    if weight.device.type != "cpu":
+        return F.linear(x, weight, bias)
+    in_features = weight.shape[-1]
+    rows = x.numel() // in_features if in_features else 0
+    needs_grad = torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)
+    if 0 < rows <= gemv_kernel.MAX_ROWS and not needs_grad:
+        x2d = x.reshape(rows, in_features)
+        if gemv_kernel.supports(x2d, weight, bias):
+            return gemv_kernel.gemv(x2d, weight, bias).view(*x.shape[:-1], weight.shape[0])
+    if weight.dtype in (torch.bfloat16, torch.float16) and rows > _HALF_GEMV_MAX_ROWS and not cpu_has_fast_half(weight.dtype):
+        return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose forward is `linear` (CPU routing above). A plain nn.Linear subclass, so quantization and
+    LoRA can swap or wrap it like any linear."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        if (
-            w.device.type == "cpu"
-            and w.dtype in (torch.bfloat16, torch.float16)
-            and x.numel() > _HALF_GEMV_MAX_ROWS * w.shape[1]
-            and not cpu_has_fast_half(w.dtype)
-        ):
-            bias = None if self.bias is None else self.bias.float()
-            return F.linear(x.float(), w.float(), bias).to(x.dtype)
-        return F.linear(x, w, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Ernie45Config
-from .layers import SwiGLU
+from .layers import SwiGLU, linear
 
 
 class MoeStatics(nn.Module):
@@ -60,8 +60,8 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
 
     def expert_forward(self, e: int, x_MH: torch.Tensor) -> torch.Tensor:
-        gate_MI, up_MI = F.linear(x_MH, self.gate_up_proj[e]).chunk(2, dim=-1)
-        return F.linear(F.silu(gate_MI) * up_MI, self.down_proj[e])
+        gate_MI, up_MI = linear(x_MH, self.gate_up_proj[e]).chunk(2, dim=-1)
+        return linear(F.silu(gate_MI) * up_MI, self.down_proj[e])
 
     def forward(self, x_NH: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
         N, K = idx_NK.shape
