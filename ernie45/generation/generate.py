@@ -45,9 +45,10 @@ class GenerationConfig:
 
 def sample(logits_BV: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
     """Next token ids [B] from last-position logits."""
+    logits = logits_BV.float()  # half-precision reductions over the vocabulary are slow on CPUs
     if cfg.temperature == 0:
-        return logits_BV.argmax(-1)
-    logits = logits_BV.float() / cfg.temperature
+        return logits.argmax(-1)
+    logits = logits / cfg.temperature
     if cfg.top_k:
         kth = torch.topk(logits, min(cfg.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
