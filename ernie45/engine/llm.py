@@ -1,0 +1,112 @@
+"""Offline API in vLLM's shape: `LLM(...).generate(prompts, sampling_params)` and `.chat(messages, ...)`."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+from ..checkpoint import load_model
+from ..default_model import resolve_model_argument
+from ..tokenizer import ReasoningParser, load_tokenizer
+from .engine_config import EngineConfig
+from .llm_engine import LLMEngine
+from .outputs import RequestOutput
+from .sampling_params import SamplingParams
+
+
+class LLM:
+    """Loads a checkpoint (the embedded default model when `model` is None) and runs batches through the engine."""
+
+    def __init__(
+        self,
+        model: str | None = None,
+        tokenizer: str | None = None,
+        dtype: str = "auto",
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 1024,
+        max_model_len: int | None = None,
+        block_size: int = 16,
+        num_kv_blocks: int | None = None,
+        kv_cache_memory: int | None = None,
+        enable_prefix_caching: bool = True,
+        seed: int | None = 0,
+        device: str = "cpu",
+    ):
+        self.model = load_model(resolve_model_argument(model), dtype=dtype, device=device)
+        self.tokenizer = load_tokenizer(tokenizer or self.model.source_dir)
+        config = EngineConfig(
+            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
+            block_size=block_size, num_kv_blocks=num_kv_blocks, kv_cache_memory=kv_cache_memory,
+            enable_prefix_caching=enable_prefix_caching, seed=seed,
+        )
+        self.engine = LLMEngine(self.model, self.tokenizer, config)
+        self._ids = itertools.count()
+
+    def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """prompts: a string, {"prompt_token_ids": [...]}, or a list of them; outputs come back in input order."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        params = self._params_list(sampling_params, len(prompts))
+        ids = []
+        try:
+            for prompt, p in zip(prompts, params):
+                request_id = f"llm-{next(self._ids)}"
+                self.engine.add_request(request_id, prompt, p)
+                ids.append(request_id)
+        except BaseException:
+            for request_id in ids:
+                self.engine.abort_request(request_id)
+            raise
+        return self._run(ids, use_tqdm)
+
+    def chat(self, messages, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool = True, chat_template_kwargs: dict | None = None,
+             add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """messages: one conversation (list of {"role", "content"}) or a list of conversations. The thinking part
+        of each output is split into `outputs[i].reasoning_content`; `text` keeps the answer."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        kwargs = chat_template_kwargs or {}
+        prompts = [
+            self.tokenizer.apply_chat_template(conv, add_generation_prompt=add_generation_prompt, **kwargs)
+            for conv in conversations
+        ]
+        outputs = self.generate(prompts, sampling_params, use_tqdm)
+        parser = ReasoningParser()
+        for prompt, output in zip(prompts, outputs):
+            starts_in_reasoning = parser.prompt_ends_in_reasoning(prompt)
+            for completion in output.outputs:
+                reasoning, content = parser.parse(completion.text, starts_in_reasoning)
+                completion.reasoning_content, completion.text = reasoning, content
+        return outputs
+
+    @staticmethod
+    def _params_list(sampling_params, count: int) -> list[SamplingParams]:
+        if sampling_params is None:
+            return [SamplingParams()] * count
+        if isinstance(sampling_params, SamplingParams):
+            return [sampling_params] * count
+        params = list(sampling_params)
+        if len(params) != count:
+            raise ValueError(f"got {len(params)} sampling_params for {count} prompts; pass one or one per prompt")
+        return params
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        finished: dict[str, RequestOutput] = {}
+        bar = _progress_bar(len(request_ids)) if use_tqdm and len(request_ids) > 1 else None
+        while self.engine.has_unfinished_requests():
+            for output in self.engine.step():
+                if output.finished:
+                    finished[output.request_id] = output
+                    if bar is not None:
+                        bar.update(1)
+        if bar is not None:
+            bar.close()
+        return [finished[i] for i in request_ids]
+
+
+def _progress_bar(total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="Generating", unit="req")

@@ -1,0 +1,55 @@
+"""Runs the model on one scheduled batch: flattened tokens (no padding), per-token positions, paged attention
+metadata; logits only for the rows that sample. The model files are used as they are.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..models.ernie45 import Ernie45ForCausalLM
+from .paged_attention import KVCache, PagedAttentionMetadata, SequenceSlice
+from .scheduler import ScheduledBatch
+
+
+class ModelRunner:
+    def __init__(self, model: Ernie45ForCausalLM, cache: KVCache, block_table_of):
+        """`block_table_of(request_id) -> list[int]` reads the block manager's table for a request."""
+        self.model = model
+        self.cache = cache
+        self.block_table_of = block_table_of
+        self.device = model.device
+        self._slot_offsets = torch.arange(cache.block_size, device=self.device)
+
+    def _context_slots(self, request_id: str, context_len: int) -> torch.Tensor:
+        blocks = torch.tensor(self.block_table_of(request_id), dtype=torch.long, device=self.device)
+        slots = (blocks[:, None] * self.cache.block_size + self._slot_offsets).reshape(-1)
+        return slots[:context_len]
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
+        """Returns (fp32 logits [S, V] of the sampling rows, indices into batch.requests of those rows).
+
+        A request samples when this step computes its last known token (decode, or the last prefill chunk).
+        """
+        input_ids, positions, slots, sequences, sample_rows, sample_positions = [], [], [], [], [], []
+        q_start = 0
+        for i, (request, num_new) in enumerate(batch.requests):
+            start = request.num_computed_tokens
+            end = start + num_new
+            input_ids.extend(request.token_ids[start:end])
+            positions.extend(range(start, end))
+            context = self._context_slots(request.request_id, end)
+            slots.append(context[start:end])
+            sequences.append(SequenceSlice(q_start, num_new, end, context))
+            q_start += num_new
+            if end == request.num_tokens:
+                sample_rows.append(i)
+                sample_positions.append(q_start - 1)
+        ids = torch.tensor([input_ids], dtype=torch.long, device=self.device)
+        pos = torch.tensor([positions], dtype=torch.long, device=self.device)
+        metadata = PagedAttentionMetadata(self.cache, torch.cat(slots), sequences)
+        hidden = self.model.forward_hidden(ids, pos, metadata)
+        if not sample_rows:
+            return hidden.new_empty(0, self.model.config.vocab_size, dtype=torch.float32), []
+        logits = self.model.compute_logits(hidden[0, sample_positions]).float()
+        return logits, sample_rows
