@@ -50,7 +50,8 @@ class AsyncLLM:
         Leaving the iteration early (client gone, task cancelled) aborts the request and frees its KV blocks."""
         if self._stopped:
             raise EngineDeadError("the engine is shut down")
-        text, ids = self.engine.validate_prompt(prompt)  # raises ValueError for the caller
+        params.verify_token_ids(self.engine.model.config.vocab_size)  # bad input raises ValueError here
+        text, ids = self.engine.validate_prompt(prompt)
         request_id = request_id or f"req-{next(self._ids)}"
         subscriber = _Subscriber(asyncio.get_running_loop(), asyncio.Queue())
         self._subscribers[request_id] = subscriber

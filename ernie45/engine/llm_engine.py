@@ -19,7 +19,7 @@ from .model_runner import ModelRunner
 from .outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from .paged_attention import KVCache
 from .request import Request, RequestStatus
-from .sampler import Sampler, SamplingRow
+from .sampler import Sampler, SamplingRow, prompt_logprobs
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .stop_checker import StopChecker
@@ -119,6 +119,7 @@ class LLMEngine:
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in use")
         params = params or SamplingParams()
+        params.verify_token_ids(self.model.config.vocab_size)
         text, ids = self.validate_prompt(prompt)
         arrival = arrival_time if arrival_time is not None else time.time()
         in_reasoning = self._prompt_ends_in_reasoning(ids)
@@ -171,8 +172,10 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        logits, rows = self.runner.execute(batch)
+        logits, rows, prompt_logits = self.runner.execute(batch)
         for request, num_new in batch.requests:
+            if request.request_id in prompt_logits:
+                self._record_prompt_logprobs(request, prompt_logits[request.request_id])
             request.num_computed_tokens += num_new
             if self.config.enable_prefix_caching:
                 self.block_manager.cache_full_blocks(request.request_id, request.token_ids,
@@ -202,6 +205,17 @@ class LLMEngine:
             if group.finished:
                 del self._groups[group_id]
         return outputs
+
+    @staticmethod
+    def _record_prompt_logprobs(request: Request, logits_TV: torch.Tensor) -> None:
+        """Logprobs of the prompt tokens scored by this chunk (recomputation after preemption adds nothing)."""
+        start = request.num_computed_tokens  # before this step's update
+        if request.prompt_logprobs is None:
+            request.prompt_logprobs = [None]
+        if len(request.prompt_logprobs) > start + 1:
+            return
+        chunk = request.prompt_token_ids[start : start + logits_TV.shape[0] + 1]
+        request.prompt_logprobs.extend(prompt_logprobs(logits_TV, chunk, request.params.prompt_logprobs)[1:])
 
     def _append_token(self, request: Request, token: int, row: int, result, now: float) -> str:
         if request.forced_token_ids:
@@ -255,5 +269,6 @@ class LLMEngine:
         return RequestOutput(
             request_id=group.request_id, prompt=group.prompt, prompt_token_ids=group.prompt_token_ids,
             outputs=completions, finished=group.finished, metrics=metrics,
+            prompt_logprobs=group.sequences[0].prompt_logprobs,
             new_text=[new_text.get(s.request_id, "") for s in group.sequences],
         )

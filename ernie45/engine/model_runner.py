@@ -26,12 +26,14 @@ class ModelRunner:
         return slots[:context_len]
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
-        """Returns (fp32 logits [S, V] of the sampling rows, indices into batch.requests of those rows).
+    def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int], dict[str, torch.Tensor]]:
+        """Returns (fp32 logits [S, V] of the sampling rows, indices into batch.requests of those rows, and for
+        requests that asked for prompt logprobs the fp32 logits of this step's prompt positions).
 
         A request samples when this step computes its last known token (decode, or the last prefill chunk).
         """
         input_ids, positions, slots, sequences, sample_rows, sample_positions = [], [], [], [], [], []
+        prompt_rows: dict[str, slice] = {}
         q_start = 0
         for i, (request, num_new) in enumerate(batch.requests):
             start = request.num_computed_tokens
@@ -41,6 +43,10 @@ class ModelRunner:
             context = self._context_slots(request.request_id, end)
             slots.append(context[start:end])
             sequences.append(SequenceSlice(q_start, num_new, end, context))
+            if request.params.prompt_logprobs is not None and start < request.num_prompt_tokens - 1:
+                # Position t scores prompt token t + 1: positions up to the second-to-last prompt token.
+                last = min(end, request.num_prompt_tokens - 1)
+                prompt_rows[request.request_id] = slice(q_start, q_start + last - start)
             q_start += num_new
             if end == request.num_tokens:
                 sample_rows.append(i)
@@ -49,7 +55,8 @@ class ModelRunner:
         pos = torch.tensor([positions], dtype=torch.long, device=self.device)
         metadata = PagedAttentionMetadata(self.cache, torch.cat(slots), sequences)
         hidden = self.model.forward_hidden(ids, pos, metadata)
+        prompt_logits = {rid: self.model.compute_logits(hidden[0, rows]).float() for rid, rows in prompt_rows.items()}
         if not sample_rows:
-            return hidden.new_empty(0, self.model.config.vocab_size, dtype=torch.float32), []
+            return hidden.new_empty(0, self.model.config.vocab_size, dtype=torch.float32), [], prompt_logits
         logits = self.model.compute_logits(hidden[0, sample_positions]).float()
-        return logits, sample_rows
+        return logits, sample_rows, prompt_logits

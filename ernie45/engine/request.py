@@ -65,6 +65,7 @@ class Request:
     num_reasoning_tokens: int = 0
     num_preemptions: int = 0
     logprobs: list = field(default_factory=list)
+    prompt_logprobs: list | None = None
     cumulative_logprob: float = 0.0
     first_token_time: float | None = None
     finish_time: float | None = None
