@@ -166,6 +166,22 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def stats(self) -> dict[str, float | int]:
+        """Gauges and counters for metrics (read from any thread: plain ints and floats)."""
+        bm = self.block_manager
+        return {
+            "num_requests_running": len(self.scheduler.running),
+            "num_requests_waiting": len(self.scheduler.waiting),
+            "kv_cache_usage_perc": bm.usage,
+            "num_kv_blocks": self.num_kv_blocks,
+            "num_free_kv_blocks": bm.num_free_blocks,
+            "prefix_cache_queries": bm.prefix_cache_queries,
+            "prefix_cache_hits": bm.prefix_cache_hits,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "prompt_tokens_total": self.num_prompt_tokens_total,
+            "generation_tokens_total": self.num_generation_tokens_total,
+        }
+
     # ------------------------------------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model, sample; returns an output for every request that made progress."""

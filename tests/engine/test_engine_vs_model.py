@@ -114,3 +114,16 @@ def test_prompt_too_long_is_refused(tiny_moe_checkpoint):
         engine.add_request("long", {"prompt_token_ids": [5] * 64})
     with pytest.raises(ValueError, match="KV cache holds 2 blocks x 16 = 32 tokens, fewer than max_model_len=64"):
         LLMEngine(model, tok, EngineConfig(max_model_len=64, num_kv_blocks=2))
+
+
+def test_stats_report_cache_hits_and_usage(tiny_moe_checkpoint):
+    model, tok = ernie45.load_model(tiny_moe_checkpoint), ernie45.load_tokenizer(tiny_moe_checkpoint)
+    engine = LLMEngine(model, tok, EngineConfig())
+    prompt = mixed_prompts(model.config.vocab_size)[3]  # 64 tokens
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    run_engine(engine, [prompt, prompt], params)  # the second is admitted in the same step: no hit yet
+    run_engine(engine, [prompt], params)
+    stats = engine.stats()
+    assert stats["prefix_cache_hits"] == 48 and stats["prefix_cache_queries"] == 3 * 64
+    assert stats["kv_cache_usage_perc"] == 0.0 and stats["num_free_kv_blocks"] == engine.num_kv_blocks
+    assert stats["prompt_tokens_total"] == 3 * 64 and stats["generation_tokens_total"] == 6
