@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..server import serve as server_cli
 from . import chat_cmd, generate_cmd
 
 
@@ -42,21 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_arguments(chat, temperature=0.8)
     chat.set_defaults(run=chat_cmd.run)
 
-    serve = sub.add_parser("serve", help="OpenAI-compatible server")
+    serve = sub.add_parser("serve", help="OpenAI-compatible server (FastAPI + uvicorn)")
     add_model_arguments(serve)
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.set_defaults(run=_serve_not_available)
+    server_cli.add_serve_arguments(serve)
+    serve.set_defaults(run=server_cli.run)
     return parser
-
-
-def _serve_not_available(args: argparse.Namespace) -> int:
-    print(
-        "ernie45 serve: the OpenAI-compatible server is not part of this build yet (it lands with the serving "
-        "issue). Meanwhile: `ernie45 generate MODEL --prompt TEXT` or `ernie45 chat MODEL`.",
-        file=sys.stderr,
-    )
-    return 2
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,140 @@
+"""What every handler needs: the engine front, the tokenizer, admission (the --max-queue bound), metrics, and the
+checks that turn bad input into 400s before anything reaches the engine."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import jinja2
+
+from ..engine.async_llm import AsyncLLM, EngineDeadError
+from ..engine.outputs import RequestOutput
+from ..engine.sampling_params import SamplingParams
+from ..tokenizer import ReasoningParser
+from .errors import APIError, bad_request
+from .metrics import ServerMetrics
+from .protocol import RESERVED_TEMPLATE_KWARGS, ChatMessage, SamplingFields
+
+_SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
+
+
+class Ticket:
+    """The admission of one request (its n sequences per prompt); `release()` may be called more than once."""
+
+    def __init__(self, admission: Admission, num_seqs: int):
+        self._admission = admission
+        self._num_seqs = num_seqs
+
+    def release(self) -> None:
+        if self._num_seqs:
+            self._admission.in_flight -= self._num_seqs
+            self._num_seqs = 0
+
+
+class Admission:
+    """Bounds the queue: sequences the server handed to the engine that are not running yet (waiting in the
+    scheduler or still in the engine's inbox). Everything runs on the event loop, so plain ints suffice."""
+
+    def __init__(self, stats, max_queue: int | None):
+        self._stats = stats
+        self.max_queue = max_queue
+        self.in_flight = 0
+
+    def num_queued(self) -> int:
+        return max(0, self.in_flight - self._stats()["num_requests_running"])
+
+    def admit(self, num_seqs: int) -> Ticket:
+        if self.max_queue is not None:
+            queued = self.num_queued()
+            if queued >= self.max_queue:
+                raise APIError(429, f"the server is busy: {queued} sequences are already waiting "
+                                    f"(--max-queue {self.max_queue}); retry later", code="queue_full")
+        self.in_flight += num_seqs
+        return Ticket(self, num_seqs)
+
+
+class ServingContext:
+    def __init__(self, front: AsyncLLM, tokenizer, served_model_name: str, max_queue: int | None = None,
+                 model_root: str | None = None):
+        self.front = front
+        self.engine = front.engine
+        self.tokenizer = tokenizer
+        self.served_model_name = served_model_name
+        self.model_root = model_root
+        self.max_model_len = self.engine.max_model_len
+        self.vocab_size = self.engine.model.config.vocab_size
+        self.parser = ReasoningParser()
+        self.admission = Admission(self.engine.stats, max_queue)
+        self.metrics = ServerMetrics(self.engine.stats, served_model_name, self.admission.num_queued)
+        self._token_text: dict[int, str] = {}
+
+    # ------------------------------------------------------------------------------------ checks
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.served_model_name:
+            raise APIError(404, f"The model `{name}` does not exist; this server serves `{self.served_model_name}`.",
+                           param="model", code="model_not_found")
+
+    def validate_prompt(self, prompt) -> tuple[str | None, list[int]]:
+        try:
+            return self.engine.validate_prompt(prompt)
+        except ValueError as exc:
+            message = str(exc)
+            code = "context_length_exceeded" if "max_model_len" in message else None
+            raise bad_request(message, param="prompt", code=code) from None
+
+    def sampling_params(self, req: SamplingFields, **fields: Any) -> SamplingParams:
+        """SamplingParams from the fields a request sets (None: SamplingParams' default) and the endpoint's own
+        `fields` (passed as they are, None included)."""
+        names = ("n", "temperature", "top_p", "max_tokens", "stop", "seed", "presence_penalty", "frequency_penalty",
+                 "logit_bias", "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids",
+                 "include_stop_str_in_output", "skip_special_tokens")
+        values = {name: getattr(req, name) for name in names if getattr(req, name) is not None}
+        values.update(fields)
+        try:
+            params = SamplingParams(**values)
+            params.verify_token_ids(self.vocab_size)
+        except ValueError as exc:
+            message = str(exc)
+            first = message.split(" ", 1)[0]
+            raise bad_request(message, param=first if first in _SAMPLING_FIELDS else None) from None
+        return params
+
+    def render_chat(self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True,
+                    chat_template_kwargs: dict | None = None, tools: list | None = None) -> str:
+        kwargs = dict(chat_template_kwargs or {})
+        reserved = sorted(RESERVED_TEMPLATE_KWARGS & kwargs.keys())
+        if reserved:
+            raise bad_request(f"chat_template_kwargs may not set {', '.join(reserved)}", param="chat_template_kwargs")
+        if tools:
+            kwargs.setdefault("tools", tools)
+        plain = [m.model_dump(exclude_none=True) for m in messages]
+        try:
+            return self.tokenizer.apply_chat_template(plain, add_generation_prompt=add_generation_prompt, **kwargs)
+        except (ValueError, TypeError, jinja2.TemplateError) as exc:
+            raise bad_request(f"the messages cannot be rendered with the chat template: {exc}",
+                              param="messages") from None
+
+    # ------------------------------------------------------------------------------------ running
+    async def generate(self, prompt: dict, params: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]:
+        """The engine's outputs for one prompt; engine failures come out as APIError. Closing it aborts."""
+        try:
+            async for output in self.front.generate(prompt, params, request_id=request_id):
+                if output.finished:
+                    self.metrics.observe_finished(output)
+                yield output
+        except EngineDeadError as exc:
+            raise APIError(503, f"the engine is not running: {exc}", code="engine_unavailable") from None
+        except ValueError as exc:
+            raise bad_request(str(exc)) from None
+        except APIError:
+            raise
+        except Exception as exc:  # noqa: BLE001 (a failed engine step fails its requests, not the server)
+            raise APIError(500, f"generation failed: {exc}", code="generation_failed") from None
+
+    def token_text(self, token_id: int) -> str:
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self._token_text[token_id] = self.tokenizer.decode([token_id])
+        return text
