@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PORT ?= 8000
+# Checkpoint to serve; empty means the embedded default model.
+MODEL ?=
 
 .PHONY: test serve venv clean
 
@@ -20,7 +22,7 @@ test: venv
 	$(PY) -m pytest tests
 
 serve: venv
-	$(VENV)/bin/ernie45 serve --port $(PORT)
+	$(VENV)/bin/ernie45 serve $(MODEL) --port $(PORT)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
