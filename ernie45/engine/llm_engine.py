@@ -77,6 +77,7 @@ class LLMEngine:
         self.eos_token_ids = set(stop_ids_for(tokenizer, model))
         self._rng = random.Random(config.seed)
         self._groups: dict[str, RequestGroup] = {}
+        self._sequence_ids: set[str] = set()  # ids of live sequences: user ids and "<id>-<i>" of n > 1 fan-outs
         self._think_start = tokenizer.token_to_id("<think>")
         self._think_end = tokenizer.token_to_id("</think>")
         self._think_close_ids = tokenizer.encode(_THINK_CLOSE_TEXT) if self._think_end is not None else []
@@ -116,9 +117,10 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt, params: SamplingParams | None = None,
                     arrival_time: float | None = None, extra_keys: tuple = ()) -> RequestGroup:
-        if request_id in self._groups:
-            raise ValueError(f"request id {request_id!r} is already in use")
         params = params or SamplingParams()
+        sequence_ids = [f"{request_id}-{i}" for i in range(params.n)] if params.n > 1 else [request_id]
+        if request_id in self._groups or self._sequence_ids.intersection(sequence_ids):
+            raise ValueError(f"request id {request_id!r} is already in use")
         params.verify_token_ids(self.model.config.vocab_size)
         text, ids = self.validate_prompt(prompt)
         arrival = arrival_time if arrival_time is not None else time.time()
@@ -127,7 +129,7 @@ class LLMEngine:
         for i in range(params.n):
             seed = params.seed + i if params.seed is not None else self._rng.getrandbits(63)
             sequences.append(Request(
-                request_id=f"{request_id}-{i}" if params.n > 1 else request_id,
+                request_id=sequence_ids[i],
                 group_id=request_id,
                 prompt_token_ids=ids,
                 params=params,
@@ -140,6 +142,7 @@ class LLMEngine:
             ))
         group = RequestGroup(request_id, text, ids, params, sequences, arrival)
         self._groups[request_id] = group
+        self._sequence_ids.update(sequence_ids)
         for seq in sequences:
             self.scheduler.add(seq)
         self.num_prompt_tokens_total += len(ids)
@@ -154,7 +157,7 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and free everything it holds; unknown or finished ids are ignored."""
-        group = self._groups.pop(request_id, None)
+        group = self._forget(request_id)
         if group is None:
             return None
         for seq in group.sequences:
@@ -162,6 +165,12 @@ class LLMEngine:
                 self.scheduler.finish(seq, RequestStatus.FINISHED_ABORTED)
                 seq.finish_time = time.time()
         return self._output(group, {})
+
+    def _forget(self, request_id: str) -> RequestGroup | None:
+        group = self._groups.pop(request_id, None)
+        if group is not None:
+            self._sequence_ids.difference_update(seq.request_id for seq in group.sequences)
+        return group
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -219,7 +228,7 @@ class LLMEngine:
                 continue
             outputs.append(self._output(group, new_text))
             if group.finished:
-                del self._groups[group_id]
+                self._forget(group_id)
         return outputs
 
     @staticmethod

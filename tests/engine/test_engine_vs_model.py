@@ -127,3 +127,14 @@ def test_stats_report_cache_hits_and_usage(tiny_moe_checkpoint):
     assert stats["prefix_cache_hits"] == 48 and stats["prefix_cache_queries"] == 3 * 64
     assert stats["kv_cache_usage_perc"] == 0.0 and stats["num_free_kv_blocks"] == engine.num_kv_blocks
     assert stats["prompt_tokens_total"] == 3 * 64 and stats["generation_tokens_total"] == 6
+
+
+def test_request_ids_never_collide_with_fanned_out_samples(tiny_moe_checkpoint):
+    model, tok = ernie45.load_model(tiny_moe_checkpoint), ernie45.load_tokenizer(tiny_moe_checkpoint)
+    engine = LLMEngine(model, tok, EngineConfig())
+    engine.add_request("x-0", {"prompt_token_ids": [5, 6]})
+    with pytest.raises(ValueError, match="request id 'x' is already in use"):
+        engine.add_request("x", {"prompt_token_ids": [5, 6]}, SamplingParams(n=2))
+    engine.abort_request("x-0")
+    engine.add_request("x", {"prompt_token_ids": [5, 6]}, SamplingParams(n=2))  # free again once x-0 is gone
+    assert engine.has_unfinished_requests()
