@@ -17,6 +17,8 @@ from ..kernels import gemv as gemv_kernel
 # bytes); above it the matmul is compute-bound, and CPUs without native bf16/fp16 arithmetic are 10-100x slower in
 # half precision than in fp32, so the weight is upcast for that call.
 _HALF_GEMV_MAX_ROWS = 16
+# Up to this many rows the GEMV kernel, run per 16-row chunk, beats torch's GEMM on the CPU (batched decode).
+_GEMV_CHUNKED_MAX_ROWS = 64
 
 
 @functools.lru_cache(maxsize=None)
@@ -44,10 +46,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     in_features = weight.shape[-1]
     rows = x.numel() // in_features if in_features else 0
     needs_grad = torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)
-    if 0 < rows <= gemv_kernel.MAX_ROWS and not needs_grad:
+    if 0 < rows <= _GEMV_CHUNKED_MAX_ROWS and not needs_grad:
         x2d = x.reshape(rows, in_features)
-        if gemv_kernel.supports(x2d, weight, bias):
-            return gemv_kernel.gemv(x2d, weight, bias).view(*x.shape[:-1], weight.shape[0])
+        chunk = gemv_kernel.MAX_ROWS
+        if gemv_kernel.supports(x2d[:chunk], weight, bias):
+            if rows <= chunk:
+                return gemv_kernel.gemv(x2d, weight, bias).view(*x.shape[:-1], weight.shape[0])
+            # Batched decode: the kernel per 16 rows (the weight is read once per chunk) beats torch's small-M GEMM
+            # here (benchmarks/results/2026-11-27-engine-throughput.md).
+            out = torch.cat([gemv_kernel.gemv(x2d[i : i + chunk], weight, bias) for i in range(0, rows, chunk)])
+            return out.view(*x.shape[:-1], weight.shape[0])
     if weight.dtype in (torch.bfloat16, torch.float16) and rows > _HALF_GEMV_MAX_ROWS and not cpu_has_fast_half(weight.dtype):
         return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
     return F.linear(x, weight, bias)
