@@ -42,23 +42,75 @@ class SequenceSlice:
 
 
 class PagedAttentionMetadata:
+    """Where each token of a step goes in the cache and what each sequence attends.
+
+    Decode rows (one new query each) of several sequences are attended together: their contexts are gathered into
+    one zero-padded [S, Cmax] block and masked, so a step costs a few ops per layer instead of a Python loop over
+    the batch. Prefill chunks keep the per-sequence path (their causal masks differ per sequence).
+    """
+
     def __init__(self, cache: KVCache, slot_mapping_N: torch.Tensor, sequences: list[SequenceSlice]):
         self.cache = cache
         self.slot_mapping_N = slot_mapping_N
         self.sequences = sequences
+        decode = [s for s in sequences if s.q_len == 1] if len(sequences) > 1 else []
+        self.batched_decode = _BatchedDecode(decode) if len(decode) > 1 else None
+        self.per_sequence = [s for s in sequences if s.q_len != 1] if self.batched_decode else sequences
 
     def attend(self, layer_idx, q_BTND, k_BTKD, v_BTKD, scale):
         k_cache, v_cache = self.cache.k[layer_idx], self.cache.v[layer_idx]
         k_cache.index_copy_(0, self.slot_mapping_N, k_BTKD[0])
         v_cache.index_copy_(0, self.slot_mapping_N, v_BTKD[0])
         q_NHD = q_BTND[0]
+        if len(self.sequences) == 1 and self.sequences[0].q_len == q_NHD.shape[0]:
+            seq = self.sequences[0]  # batch 1: no output buffer to fill
+            k = k_cache.index_select(0, seq.context_slots)
+            v = v_cache.index_select(0, seq.context_slots)
+            return _attend_one(q_NHD, k, v, scale)[None]
         out = torch.empty_like(q_NHD)
-        for seq in self.sequences:
+        if self.batched_decode is not None:
+            self.batched_decode.attend(q_NHD, k_cache, v_cache, scale, out)
+        for seq in self.per_sequence:
             k = k_cache.index_select(0, seq.context_slots)  # [C, K, D]
             v = v_cache.index_select(0, seq.context_slots)
             q = q_NHD[seq.q_start : seq.q_start + seq.q_len]  # [T, N, D]
             out[seq.q_start : seq.q_start + seq.q_len] = _attend_one(q, k, v, scale)
         return out[None]
+
+
+class _BatchedDecode:
+    """S decode rows attended at once over their contexts padded to the longest (Cmax); built once per step and
+    reused by every layer."""
+
+    def __init__(self, decode: list[SequenceSlice]):
+        slots_SC = torch.nn.utils.rnn.pad_sequence([s.context_slots for s in decode], batch_first=True)
+        self.shape = tuple(slots_SC.shape)
+        self.slots = slots_SC.reshape(-1)  # padding gathers slot 0: harmless, masked below
+        self.rows = torch.tensor([s.q_start for s in decode])
+        lengths = torch.tensor([s.context_len for s in decode])
+        if bool((lengths == self.shape[1]).all()):
+            self.bias_S1C = None
+        else:
+            padded = torch.arange(self.shape[1])[None, :] >= lengths[:, None]
+            self.bias_S1C = torch.zeros(self.shape).masked_fill_(padded, float("-inf"))[:, None, :]
+
+    def attend(self, q_NHD, k_cache, v_cache, scale, out):
+        S, C = self.shape
+        N, D = q_NHD.shape[1:]
+        K = k_cache.shape[1]
+        k = k_cache.index_select(0, self.slots).view(S, C, K, D).float()
+        v = v_cache.index_select(0, self.slots).view(S, C, K, D).float()
+        q = q_NHD.index_select(0, self.rows).view(S, K, N // K, D).float()
+        o = torch.empty(S, K, N // K, D)
+        for h in range(K):
+            # Per kv head: [S, G, D] x [S, D, C] on strided views (one 4-D matmul would copy the permuted K).
+            k_SDC = k[:, :, h].transpose(1, 2)
+            if self.bias_S1C is None:
+                scores = torch.bmm(q[:, h], k_SDC).mul_(scale)
+            else:
+                scores = torch.baddbmm(self.bias_S1C, q[:, h], k_SDC, alpha=scale)
+            o[:, h] = torch.bmm(scores.softmax(-1), v[:, :, h])
+        out.index_copy_(0, self.rows, o.view(S, N, D).to(out.dtype))
 
 
 def _attend_one(q_TND: torch.Tensor, k_CKD: torch.Tensor, v_CKD: torch.Tensor, scale: float) -> torch.Tensor:

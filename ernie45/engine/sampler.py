@@ -85,8 +85,16 @@ class Sampler:
             raise ValueError(f"logits must be [S, V] with S = {len(rows)} rows, got shape {tuple(logits_SV.shape)}")
         if not rows:
             return SamplerOutput([], [], [])
-        raw_logprobs_SV = torch.log_softmax(logits_SV.float(), dim=-1)
-        token_ids_S = self._draw(self.process_logits(logits_SV, rows), rows)
+        logits_SV = logits_SV.float()
+        # Plain greedy rows draw from the raw logits: no processed copy of [S, V] (it shows at batch 1).
+        processed_SV = self.process_logits(logits_SV, rows) if any(map(_needs_processing, rows)) else logits_SV
+        token_ids_S = self._draw(processed_SV, rows)
+        chosen_logits_S = logits_SV.gather(1, token_ids_S[:, None])[:, 0]
+        if all(row.params.logprobs is None for row in rows):
+            # Only the chosen tokens' logprobs are needed: logit - logsumexp, no [S, V] log_softmax written.
+            chosen_S = chosen_logits_S - logits_SV.logsumexp(dim=-1)
+            return SamplerOutput(token_ids_S.tolist(), chosen_S.tolist(), [None] * len(rows))
+        raw_logprobs_SV = torch.log_softmax(logits_SV, dim=-1)
         chosen_S = raw_logprobs_SV.gather(1, token_ids_S[:, None])[:, 0]
         return SamplerOutput(token_ids_S.tolist(), chosen_S.tolist(), _top_logprobs(raw_logprobs_SV, rows))
 
@@ -157,6 +165,14 @@ class Sampler:
 
 
 # ------------------------------------------------------------------------------------------ logits processors
+
+
+def _needs_processing(row: SamplingRow) -> bool:
+    """Whether any logits processor would change the row's logits (sampled rows always go through them)."""
+    params = row.params
+    return (not params.greedy or bool(params.logit_bias) or len(row.output_token_ids) < params.min_tokens
+            or params.repetition_penalty != 1.0 or bool(params.presence_penalty)
+            or bool(params.frequency_penalty))
 
 
 def apply_logit_bias(logits_SV: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
