@@ -15,6 +15,7 @@ from starlette.responses import Response
 from starlette.types import Receive
 
 from ..engine.outputs import RequestOutput
+from . import tool_calls
 from .context import ServingContext
 from .errors import APIError, bad_request
 from .logprobs import chat_logprobs
@@ -36,6 +37,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
         req, max_tokens=max_tokens, reasoning_max_tokens=req.reasoning_max_tokens,
         logprobs=(req.top_logprobs or 0) if req.logprobs else None,
     )
+    ctx.check_context_length(len(prompt_ids), max_tokens, "messages")
     starts_in_reasoning = ctx.parser.prompt_ends_in_reasoning(prompt)
     request_id = info.response_id = f"chatcmpl-{info.request_id}"
     info.prompt_tokens = len(prompt_ids)
@@ -70,12 +72,16 @@ def _response(ctx: ServingContext, req: ChatCompletionRequest, info: RequestInfo
     choices = []
     for completion in final.outputs:
         reasoning, content = ctx.parser.parse(completion.text, starts_in_reasoning)
+        calls = []
+        if tool_calls.tool_parsing_enabled(req.tools, req.tool_choice):
+            content, calls = tool_calls.parse(content)
         choice = {
             "index": completion.index,
-            "message": {"role": "assistant", "content": content, "reasoning_content": reasoning, "tool_calls": []},
+            "message": {"role": "assistant", "content": None if calls and not content.strip() else content,
+                        "reasoning_content": reasoning, "tool_calls": [tool_calls.strip_index(c) for c in calls]},
             "logprobs": ({"content": chat_logprobs(completion.logprobs or [], ctx.token_text)}
                          if req.logprobs else None),
-            "finish_reason": completion.finish_reason,
+            "finish_reason": _finish_reason(completion.finish_reason, calls),
             "stop_reason": completion.stop_reason,
         }
         if req.return_token_ids:
@@ -91,6 +97,11 @@ def _response(ctx: ServingContext, req: ChatCompletionRequest, info: RequestInfo
     if req.return_token_ids:
         body["prompt_token_ids"] = final.prompt_token_ids
     return body
+
+
+def _finish_reason(reason: str | None, calls: list) -> str | None:
+    """OpenAI reports "tool_calls" when a choice that ended by itself called tools."""
+    return "tool_calls" if calls and reason == "stop" else reason
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -114,6 +125,9 @@ async def _stream(ctx: ServingContext, req: ChatCompletionRequest, info: Request
         yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                       "finish_reason": None}], **(first_fields if i == 0 else {}))
     splitters = [ctx.parser.stream(starts_in_reasoning) for _ in range(n)]
+    parse_tools = tool_calls.tool_parsing_enabled(req.tools, req.tool_choice)
+    call_streams = [tool_calls.ToolCallStream() for _ in range(n)]
+    called = [False] * n
     sent = [0] * n  # tokens of each choice already streamed
     done = [False] * n
     completion_tokens = 0
@@ -127,12 +141,20 @@ async def _stream(ctx: ServingContext, req: ChatCompletionRequest, info: Request
                     tail_reasoning, tail_content = splitters[i].finish()
                     reasoning, content = reasoning + tail_reasoning, content + tail_content
                     done[i] = True
+                new_calls = []
+                if parse_tools:
+                    content, new_calls = call_streams[i].feed(content)
+                    if done[i]:
+                        content += call_streams[i].finish()
+                    called[i] = called[i] or bool(new_calls)
                 new_ids = completion.token_ids[sent[i]:]
                 delta = {}
                 if reasoning:
                     delta["reasoning_content"] = reasoning
                 if content:
                     delta["content"] = content
+                if new_calls:
+                    delta["tool_calls"] = new_calls
                 logprobs = None
                 if req.logprobs and new_ids:
                     logprobs = {"content": chat_logprobs((completion.logprobs or [])[sent[i]:], ctx.token_text)}
@@ -140,7 +162,7 @@ async def _stream(ctx: ServingContext, req: ChatCompletionRequest, info: Request
                 if not delta and logprobs is None and completion.finish_reason is None:
                     continue
                 choice = {"index": i, "delta": delta, "logprobs": logprobs,
-                          "finish_reason": completion.finish_reason}
+                          "finish_reason": _finish_reason(completion.finish_reason, [True] if called[i] else [])}
                 if completion.finish_reason is not None:
                     choice["stop_reason"] = completion.stop_reason
                 if req.return_token_ids:

@@ -45,6 +45,8 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, info: R
     if req.echo and req.logprobs is not None:
         fields["prompt_logprobs"] = req.logprobs
     params = ctx.sampling_params(req, **fields)
+    for _, ids in prompts:
+        ctx.check_context_length(len(ids), params.max_tokens, "prompt")
     request_id = info.response_id = f"cmpl-{info.request_id}"
     info.prompt_tokens = sum(len(ids) for _, ids in prompts)
     ticket = ctx.admission.admit(params.n * len(prompts))

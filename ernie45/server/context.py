@@ -84,6 +84,16 @@ class ServingContext:
             code = "context_length_exceeded" if "max_model_len" in message else None
             raise bad_request(message, param="prompt", code=code) from None
 
+    def check_context_length(self, prompt_tokens: int, max_tokens: int | None, what: str = "messages") -> None:
+        """400 when the prompt plus the completion a request asks for cannot fit in max_model_len (vLLM's rule; a
+        request without max_tokens may use whatever is left)."""
+        if max_tokens is not None and prompt_tokens + max_tokens > self.max_model_len:
+            raise bad_request(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the {what}, {max_tokens} in the "
+                f"completion). Please reduce the length of the {what} or completion.",
+                param="max_tokens", code="context_length_exceeded")
+
     def sampling_params(self, req: SamplingFields, **fields: Any) -> SamplingParams:
         """SamplingParams from the fields a request sets (None: SamplingParams' default) and the endpoint's own
         `fields` (passed as they are, None included)."""
@@ -109,7 +119,9 @@ class ServingContext:
             raise bad_request(f"chat_template_kwargs may not set {', '.join(reserved)}", param="chat_template_kwargs")
         if tools:
             kwargs.setdefault("tools", tools)
-        plain = [m.model_dump(exclude_none=True) for m in messages]
+        # The released templates read `content` of every message; OpenAI lets an assistant turn that only calls
+        # tools send it as null.
+        plain = [{"content": "", **m.model_dump(exclude_none=True)} for m in messages]
         try:
             return self.tokenizer.apply_chat_template(plain, add_generation_prompt=add_generation_prompt, **kwargs)
         except (ValueError, TypeError, jinja2.TemplateError) as exc:

@@ -128,7 +128,9 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: Bool | None = None
     top_logprobs: Int | None = None
     tools: list[dict[str, Any]] | None = None
-    """Passed to the chat template (tool calls in the output are not parsed into `tool_calls`)."""
+    """Passed to the chat template; `<tool_call>` blocks in the output come back as `tool_calls`."""
+    tool_choice: Literal["none", "auto"] | dict[str, Any] | None = None
+    """"none": the output is not parsed for calls; "auto" (the default with tools) and a named function: it is."""
     chat_template_kwargs: dict[str, Any] | None = None
     """Template variables, e.g. {"enable_thinking": true}."""
     add_generation_prompt: Bool = True

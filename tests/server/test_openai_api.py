@@ -218,3 +218,24 @@ def test_openai_client_errors(client):
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model=MODEL_NAME, messages=HI, temperature=-1)
     assert info.value.body["param"] == "temperature"
+
+
+def test_tools_and_tool_history_are_accepted(client):
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "weather of a city",
+                                               "parameters": {"type": "object",
+                                                              "properties": {"city": {"type": "string"}}}}}]
+    messages = [
+        {"role": "user", "content": "weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"},
+    ]
+    kwargs = dict(model=MODEL_NAME, messages=messages, tools=tools, max_tokens=6, **GREEDY)
+    reply = client.chat.completions.create(tool_choice="auto", **kwargs)
+    choice = reply.choices[0]
+    # The tiny random model writes no <tool_call> block: the text stays content and no call is invented.
+    assert not choice.message.tool_calls and choice.finish_reason == "length"
+    content, _, finish, _ = stream_chat(client, tool_choice="auto", **kwargs)
+    assert content[0] == choice.message.content and finish[0] == "length"
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(tool_choice="required", **kwargs)
