@@ -112,13 +112,35 @@ class TextPart(_Body):
     text: Str
 
 
+class FunctionCall(_Body):
+    name: Str
+    arguments: Str | dict[str, Any]
+    """OpenAI sends a JSON string; a JSON object is accepted too (the templates render either)."""
+
+
+class ToolCall(_Body):
+    """A call an earlier assistant turn made, sent back in the conversation history."""
+
+    id: Str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Body):
     role: Literal["system", "user", "assistant", "tool"]
     content: Str | list[TextPart] | None = None
     name: Str | None = None
     reasoning_content: Str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCall] | None = None
     tool_call_id: Str | None = None
+
+    @model_validator(mode="after")
+    def _content_required(self) -> ChatMessage:
+        # OpenAI: only an assistant turn that calls tools may leave content null.
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"content is required for a {self.role} message (null only for an assistant turn "
+                             "with tool_calls)")
+        return self
 
 
 class ChatCompletionRequest(SamplingFields):
