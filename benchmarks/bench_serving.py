@@ -97,7 +97,10 @@ def random_prompts(base_url: str, count: int, input_len: int, seed: int, headers
 
 async def one_request(client: httpx.AsyncClient, model: str, prompt: list[int], output_len: int) -> RequestResult:
     body = {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}}
+            "stream": True, "stream_options": {"include_usage": True},
+            # vLLM's extra: each chunk lists its token ids, so a token counts as arrived even when it decodes to no
+            # text (random weights emit ids beyond the benchmark tokenizer's pieces).
+            "return_token_ids": True}
     start = time.perf_counter()
     last = None
     result = RequestResult(ok=False)
@@ -116,7 +119,7 @@ async def one_request(client: httpx.AsyncClient, model: str, prompt: list[int], 
                 if chunk.get("usage"):
                     result.prompt_tokens = chunk["usage"]["prompt_tokens"]
                     result.output_tokens = chunk["usage"]["completion_tokens"]
-                if not any(c.get("text") for c in chunk.get("choices", [])):
+                if not any(c.get("text") or c.get("token_ids") for c in chunk.get("choices", [])):
                     continue
                 now = time.perf_counter()
                 if last is None:
