@@ -45,6 +45,8 @@ class QuantizationConfig:
     """fnmatch pattern on module names -> format, or None to keep the module unquantized; the last match wins."""
     recipe: str | None = None
     """The recipe that produced the overrides (recorded, not re-applied)."""
+    act_order: bool = True
+    """GPTQ methods: visit columns by decreasing Hessian diagonal (with groups fixed up front)."""
     modules: dict[str, QuantSpec] = field(default_factory=dict)
     """Resolved format of every quantized module (filled when quantizing; what the loader uses)."""
 
@@ -67,6 +69,7 @@ class QuantizationConfig:
             "quant_method": QUANT_METHOD_NAME,
             "method": self.method,
             "recipe": self.recipe,
+            "act_order": self.act_order,
             **self.default.to_dict(),
             "overrides": {p: (None if s is None else s.to_dict()) for p, s in self.overrides.items()},
             "modules": {name: spec.to_dict() for name, spec in self.modules.items()},
@@ -86,6 +89,7 @@ class QuantizationConfig:
                 default=default,
                 overrides={p: None if s is None else QuantSpec.from_dict(s) for p, s in raw.get("overrides", {}).items()},
                 recipe=raw.get("recipe"),
+                act_order=raw.get("act_order", True),
                 modules={n: QuantSpec.from_dict(s) for n, s in raw.get("modules", {}).items()},
             )
         except (KeyError, TypeError) as exc:

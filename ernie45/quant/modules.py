@@ -61,9 +61,10 @@ def resolve_modules(model: nn.Module, config: QuantizationConfig) -> dict[str, Q
             continue
         spec.group_size_for(unit.weight.shape[-1], name)  # raises ValueError with the reason
         resolved[name] = spec
-        by_owner.setdefault(unit.owner_name, []).append(name)
+        if isinstance(unit.owner, Experts):
+            by_owner.setdefault(unit.owner_name, []).append(name)
     for owner, names in by_owner.items():
-        if len(names) == 1 and names[0].endswith(("experts.gate_up_proj", "experts.down_proj")):
+        if len(names) == 1:
             raise ValueError(f"{owner}: quantize both gate_up_proj and down_proj of the experts or neither (got {names[0]})")
     return resolved
 
@@ -134,3 +135,9 @@ def set_use_kernel(model: nn.Module, flag: bool) -> None:
     for module in model.modules():
         if isinstance(module, QuantizedLinear):
             module.use_kernel = flag
+
+
+def apply_quantization_config(model: nn.Module, raw: dict) -> nn.Module:
+    """For the loader: swap in empty quantized modules for a checkpoint's `quantization_config` (as in
+    config.json), so that its packed tensors load into them like any parameter."""
+    return swap_in_empty(model, QuantizationConfig.from_dict(raw).modules)
