@@ -175,6 +175,8 @@ def quantize(
     from ..checkpoint import load_model, save_model
     from ..tokenizer import load_tokenizer
 
+    default_spec(bits, group_size, symmetric)  # bits / group size refused before anything is loaded
+    QuantizationConfig(method=method, recipe=recipe)
     if method in CALIBRATED_METHODS and calib is None:
         raise ValueError(f"method {method} needs calibration data: pass a .jsonl or text file as calib")
     if num_calib_samples < 1:
