@@ -141,3 +141,25 @@ def apply_quantization_config(model: nn.Module, raw: dict) -> nn.Module:
     """For the loader: swap in empty quantized modules for a checkpoint's `quantization_config` (as in
     config.json), so that its packed tensors load into them like any parameter."""
     return swap_in_empty(model, QuantizationConfig.from_dict(raw).modules)
+
+
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Swap every quantized module back for a dense one holding its dequantized weights (in place): the model the
+    quantized one computes, for comparisons and for further training."""
+    from ..models.layers import Linear
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuantizedExperts):
+            dense = Experts(model.config)
+            gate_up = module.gate_up_proj.dequantized_weight()
+            dense.gate_up_proj = nn.Parameter(gate_up, requires_grad=False)
+            dense.down_proj = nn.Parameter(module.down_proj.dequantized_weight(), requires_grad=False)
+            _set_module(model, name, dense)
+        elif isinstance(module, QuantizedLinear) and module.qweight.dim() == 2:
+            dense = Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            dense.weight = nn.Parameter(module.dequantized_weight(), requires_grad=False)
+            if module.bias is not None:
+                dense.bias = nn.Parameter(module.bias.detach().float(), requires_grad=False)
+            _set_module(model, name, dense)
+    model.config.extra.pop("quantization_config", None)
+    return model
