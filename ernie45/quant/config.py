@@ -76,7 +76,7 @@ class QuantizationConfig:
         }
 
     @classmethod
-    def from_dict(cls, raw: dict) -> "QuantizationConfig":
+    def from_dict(cls, raw: dict) -> QuantizationConfig:
         if raw.get("quant_method") != QUANT_METHOD_NAME:
             raise ValueError(
                 f"quantization_config.quant_method is {raw.get('quant_method')!r}; this loader reads "

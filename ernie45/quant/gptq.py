@@ -60,7 +60,7 @@ def gptq_quantize(
     inv_perm = torch.argsort(perm)
     diag = H.diagonal().clone()
     if choose_group_params is None:
-        choose_group_params = lambda w, sp, cw: group_params(w, sp)  # noqa: E731
+        choose_group_params = lambda w, sp, cw: group_params(w, sp)
     if act_order:
         static_scale, static_zero = choose_group_params(W.view(N, K // S, S), spec, (diag / diag.mean()).view(K // S, S))
     W, H = W[:, perm], H[perm][:, perm]

@@ -61,7 +61,7 @@ class QuantizedLinear(nn.Module):
         self.bias = _frozen(torch.zeros(out_features, dtype=bias_dtype, device=device)) if bias else None
 
     @classmethod
-    def from_packed(cls, packed: PackedWeight, spec: QuantSpec, bias: torch.Tensor | None = None) -> "QuantizedLinear":
+    def from_packed(cls, packed: PackedWeight, spec: QuantSpec, bias: torch.Tensor | None = None) -> QuantizedLinear:
         *lead, N, _ = packed.scales.shape
         module = cls(
             packed.in_features, N, spec, bias is not None, lead[0] if lead else None,

@@ -53,7 +53,7 @@ class QuantSpec:
         return {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
 
     @classmethod
-    def from_dict(cls, raw: dict, default: "QuantSpec | None" = None) -> "QuantSpec":
+    def from_dict(cls, raw: dict, default: QuantSpec | None = None) -> QuantSpec:
         base = default.to_dict() if default else {}
         unknown = set(raw) - {"bits", "group_size", "symmetric"}
         if unknown:

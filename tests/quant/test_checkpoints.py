@@ -13,11 +13,11 @@ from ernie45.quant import QuantizedExperts, QuantizedLinear, dequantize_model, q
 from ..engine.test_engine_vs_model import greedy_reference
 
 CASES = {
-    "int8-rtn": dict(bits=8),
-    "int4-rtn-g16": dict(bits=4, group_size=16),
-    "int4-gptq": dict(bits=4, group_size=16, method="gptq", calib=True),
-    "2bit-hqq": dict(bits=2, group_size=16, method="hqq"),
-    "mixed-2bit-gptq-hqq": dict(bits=2, group_size=16, method="gptq-hqq", recipe="mixed-2bit", calib=True),
+    "int8-rtn": {"bits": 8},
+    "int4-rtn-g16": {"bits": 4, "group_size": 16},
+    "int4-gptq": {"bits": 4, "group_size": 16, "method": "gptq", "calib": True},
+    "2bit-hqq": {"bits": 2, "group_size": 16, "method": "hqq"},
+    "mixed-2bit-gptq-hqq": {"bits": 2, "group_size": 16, "method": "gptq-hqq", "recipe": "mixed-2bit", "calib": True},
 }
 
 

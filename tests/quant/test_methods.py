@@ -37,9 +37,9 @@ def test_gptq_reconstructs_layer_outputs_better_than_rtn(layer, spec, act_order)
 
 
 def test_hqq_beats_rtn_at_2_bits_without_data(layer):
-    W, X, _ = layer
+    W, _X, _ = layer
     spec = QuantSpec(2, 32)
-    weight_error = lambda p: float((p.dequantize() - W).pow(2).mean())  # noqa: E731
+    weight_error = lambda p: float((p.dequantize() - W).pow(2).mean())
     assert weight_error(hqq_quantize(W, spec)) < 0.8 * weight_error(rtn_quantize(W, spec))
 
 
@@ -53,7 +53,7 @@ def test_gptq_with_hqq_grids_beats_gptq_at_2_bits(layer):
 
 
 def test_unseen_inputs_do_not_break_gptq(layer):
-    W, X, H = layer
+    W, _X, H = layer
     H = H.clone()
     H[:, :16] = 0
     H[:16, :] = 0  # 16 inputs never active in calibration

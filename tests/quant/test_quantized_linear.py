@@ -58,10 +58,10 @@ def test_prefill_rows_use_reference_path_and_grad_flows_to_input():
 
 
 def test_quantized_experts_equal_dense_experts_with_dequantized_weights():
-    config = Ernie45Config.from_dict(dict(model_type="ernie4_5_moe", vocab_size=64, hidden_size=32,
-                                          intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                          num_key_value_heads=2, head_dim=16, moe_num_experts=4, moe_k=2,
-                                          moe_intermediate_size=16))
+    config = Ernie45Config.from_dict({"model_type": "ernie4_5_moe", "vocab_size": 64, "hidden_size": 32,
+                                          "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                          "num_key_value_heads": 2, "head_dim": 16, "moe_num_experts": 4, "moe_k": 2,
+                                          "moe_intermediate_size": 16})
     dense = Experts(config)
     torch.nn.init.normal_(dense.gate_up_proj, std=0.3)
     torch.nn.init.normal_(dense.down_proj, std=0.3)
