@@ -22,7 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__AVX2__)
+#if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -49,6 +49,11 @@ typedef float f32x16_u __attribute__((vector_size(64), aligned(1), may_alias));
 /* Rows of x per step of the dequantize-then-dot path: TILE_R * TILE_M accumulators + TILE_R weights + 1 x. */
 #define TILE_M 4
 #define MIN_PARALLEL_BYTES (1 << 15)
+/* Software prefetch this far ahead in each weight row stream (prefetcht2, once per 64-byte line), as gemv.c
+ * does: the hardware prefetcher alone loses the tile's interleaved row streams at page boundaries. */
+#ifndef PREFETCH_BYTES
+#define PREFETCH_BYTES (64 * 1024)
+#endif
 /* Weights per row dequantized at a time (M > 2): TILE_R rows of it (4 KiB) and TILE_M rows of x (16 KiB) stay in
  * L1. Without the chunking every tile streamed all of x from L2 and M = 16 ran at a quarter of the FMA rate. */
 #define K_CHUNK 256
@@ -72,6 +77,9 @@ INLINE uint16_t f32_to_bf16(float f) {
     return (uint16_t)(bits >> 16);
 }
 
+#if defined(__F16C__)
+INLINE float f16_to_f32(uint16_t h) { return _cvtsh_ss(h); }
+#else
 INLINE float f16_to_f32(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ffu, bits;
     if (exp == 0x1f) {
@@ -92,6 +100,7 @@ INLINE float f16_to_f32(uint16_t h) {
     memcpy(&f, &bits, sizeof f);
     return f;
 }
+#endif
 
 INLINE uint16_t f32_to_f16(float f) {
     /* Round to nearest even via the hardware-free classic method; only used for y in fp16. */
@@ -169,18 +178,29 @@ INLINE f32x16 codes16(const uint8_t *row, int64_t v, int BITS) {
 #endif
 }
 
-/* M <= 2: for TILE_R weight rows and MT rows of x, accumulate dot(q_g, x_g) per group and apply the group's scale
- * and zero at the group's end. xsum[m][g] = sum(x_g) is precomputed once per call. */
+/* M <= 2: for TILE_R weight rows and MT rows of x, accumulate dot(q_g, x_g) per group in vectors, fold each
+ * group into a running vector total scaled by the group's scale (one broadcast FMA), and subtract the zero-point
+ * term s * z * sum(x_g) as a scalar; one horizontal sum per row at the end. xsum[m][g] = sum(x_g) precomputed. */
 INLINE void rows_direct(const uint8_t *qw, int64_t row_bytes, const uint16_t *scales, const uint16_t *zeros,
                         float zero_const, int64_t n0, int R, const float *x, const float *xsum, int MT, int64_t K,
                         int64_t G, int BITS, float out[TILE_R][2]) {
     const int64_t groups = K / G, vecs_per_group = G / 16;
-    float total[TILE_R][2] = {{0}};
+    f32x16 total[TILE_R][2];
+    float zero_term[TILE_R][2];
+#pragma GCC unroll 4
+    for (int r = 0; r < TILE_R; ++r) {
+        total[r][0] = total[r][1] = (f32x16){0};
+        zero_term[r][0] = zero_term[r][1] = 0.0f;
+    }
     for (int64_t g = 0; g < groups; ++g) {
         f32x16 acc[TILE_R][2];
 #pragma GCC unroll 4
         for (int r = 0; r < TILE_R; ++r) acc[r][0] = acc[r][1] = (f32x16){0};
         for (int64_t v = g * vecs_per_group; v < (g + 1) * vecs_per_group; ++v) {
+            if (((v * 16 * BITS / 8) & 63) == 0)
+#pragma GCC unroll 4
+                for (int r = 0; r < R; ++r)
+                    __builtin_prefetch(qw + (n0 + r) * row_bytes + (v / (8 / BITS)) * 16 + PREFETCH_BYTES, 0, 1);
             f32x16 xv[2];
 #pragma GCC unroll 2
             for (int m = 0; m < MT; ++m) {
@@ -198,13 +218,16 @@ INLINE void rows_direct(const uint8_t *qw, int64_t row_bytes, const uint16_t *sc
         for (int r = 0; r < R; ++r) {
             const int64_t at = (n0 + r) * groups + g;
             const float s = f16_to_f32(scales[at]);
-            const float z = zeros ? f16_to_f32(zeros[at]) : zero_const;
+            const float sz = s * (zeros ? f16_to_f32(zeros[at]) : zero_const);
 #pragma GCC unroll 2
-            for (int m = 0; m < MT; ++m) total[r][m] += s * (hsum(acc[r][m]) - z * xsum[m * groups + g]);
+            for (int m = 0; m < MT; ++m) {
+                total[r][m] += s * acc[r][m];
+                zero_term[r][m] += sz * xsum[m * groups + g];
+            }
         }
     }
     for (int r = 0; r < R; ++r)
-        for (int m = 0; m < MT; ++m) out[r][m] = total[r][m];
+        for (int m = 0; m < MT; ++m) out[r][m] = hsum(total[r][m]) - zero_term[r][m];
 }
 
 /* Dequantize weights [k0, k0 + kc) of rows [n0, n0 + R) into wbuf [R][kc] fp32. */
