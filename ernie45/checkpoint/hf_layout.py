@@ -18,7 +18,12 @@ from dataclasses import dataclass
 
 import torch
 
-_PER_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
+_PER_EXPERT = re.compile(
+    r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.(weight|qweight|scales|qzeros)$"
+)
+# Quantized checkpoints (ernie45.quant) store each weight as packed codes + fp16 scales (+ zero points) under
+# `<weight's module>.{qweight,scales,qzeros}`; per expert as `experts.{e}.gate_proj.qweight` and so on.
+_PACKED_SUFFIXES = (".qweight", ".scales", ".qzeros")
 _HF_FUSED_BIAS = re.compile(r"^(model\.layers\.\d+\.mlp)\.gate\.moe_statics\.e_score_correction_bias$")
 
 
@@ -35,10 +40,11 @@ def target_of(hf_name: str) -> Target:
     """Map a checkpoint tensor name to our parameter (names we do not know map to themselves and are reported)."""
     m = _PER_EXPERT.match(hf_name)
     if m:
-        prefix, expert, which = m.group(1), int(m.group(2)), m.group(3)
+        prefix, expert, which, kind = m.group(1), int(m.group(2)), m.group(3), m.group(4)
+        suffix = "" if kind == "weight" else f".{kind}"
         if which == "down":
-            return Target(f"{prefix}.down_proj", expert)
-        return Target(f"{prefix}.gate_up_proj", expert, which)
+            return Target(f"{prefix}.down_proj{suffix}", expert)
+        return Target(f"{prefix}.gate_up_proj{suffix}", expert, which)
     m = _HF_FUSED_BIAS.match(hf_name)
     if m:
         return Target(f"{m.group(1)}.moe_statics.e_score_correction_bias")
@@ -63,15 +69,17 @@ def place(param: torch.Tensor, target: Target, tensor: torch.Tensor) -> torch.Te
 
 def to_released(name: str, param: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
     """Our parameter -> the released per-expert tensors (views; callers make them contiguous when writing)."""
-    if name.endswith(".mlp.experts.gate_up_proj"):
-        prefix = name[: -len(".gate_up_proj")]
+    kind = next((s for s in _PACKED_SUFFIXES if name.endswith(s)), "")
+    base, tail = name[: len(name) - len(kind)], kind[1:] or "weight"
+    if base.endswith(".mlp.experts.gate_up_proj"):
+        prefix = base[: -len(".gate_up_proj")]
         inter = param.shape[1] // 2
         for e in range(param.shape[0]):
-            yield f"{prefix}.{e}.gate_proj.weight", param[e, :inter]
-            yield f"{prefix}.{e}.up_proj.weight", param[e, inter:]
-    elif name.endswith(".mlp.experts.down_proj"):
-        prefix = name[: -len(".down_proj")]
+            yield f"{prefix}.{e}.gate_proj.{tail}", param[e, :inter]
+            yield f"{prefix}.{e}.up_proj.{tail}", param[e, inter:]
+    elif base.endswith(".mlp.experts.down_proj"):
+        prefix = base[: -len(".down_proj")]
         for e in range(param.shape[0]):
-            yield f"{prefix}.{e}.down_proj.weight", param[e]
+            yield f"{prefix}.{e}.down_proj.{tail}", param[e]
     else:
         yield name, param

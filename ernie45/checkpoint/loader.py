@@ -13,6 +13,7 @@ from safetensors import SafetensorError, safe_open
 from ..models.config import Ernie45Config
 from ..models.ernie45 import Ernie45ForCausalLM
 from ..models.layers import RotaryEmbedding
+from ..quant.modules import apply_quantization_config
 from .hf_layout import place, target_of
 from .hub import resolve_model_path
 
@@ -100,6 +101,9 @@ def load_model(
     weight_files = list_weight_files(directory)
     mtp_layers = count_mtp_layers(weight_files, config)
     net = build_empty_model(config, torch_dtype, mtp_layers, device)
+    if "quantization_config" in config.extra:
+        # Packed checkpoint: the quantized modules replace the dense ones before their tensors are read.
+        net = apply_quantization_config(net, config.extra["quantization_config"])
     params = dict(net.named_parameters())
     filled: dict[str, set] = defaultdict(set)
     unexpected: list[str] = []
@@ -148,9 +152,10 @@ def _fully_filled(name: str, param: torch.Tensor, slots: set | None, net: Ernie4
         return True
     if not slots:
         return False
-    if name.endswith(".experts.gate_up_proj"):
+    base = name.removesuffix(".qweight").removesuffix(".scales").removesuffix(".qzeros")  # packed expert tensors
+    if base.endswith(".experts.gate_up_proj"):
         return len(slots) == param.shape[0] * 2 or (None, None) in slots
-    if name.endswith(".experts.down_proj"):
+    if base.endswith(".experts.down_proj"):
         return len(slots) == param.shape[0] or (None, None) in slots
     return True
 

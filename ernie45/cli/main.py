@@ -1,4 +1,4 @@
-"""`ernie45` command line: generate, chat, serve."""
+"""`ernie45` command line: generate, chat, serve, quantize."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..server import serve as server_cli
-from . import chat_cmd, generate_cmd
+from . import chat_cmd, generate_cmd, quantize_cmd
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(serve)
     server_cli.add_serve_arguments(serve)
     serve.set_defaults(run=server_cli.run)
+
+    quant = sub.add_parser("quantize", help="weight-only int8/int4/2-bit quantization into a packed checkpoint")
+    quantize_cmd.add_arguments(quant)
+    quant.set_defaults(run=quantize_cmd.run)
     return parser
 
 

@@ -83,14 +83,15 @@ def cache_dir() -> Path:
     return base / "ernie45" / "kernels"
 
 
-def library_path(compiler: list[str], flags: tuple[str, ...] = COMPILE_FLAGS) -> Path:
-    """Where the build of gemv.c by `compiler` with `flags` for this CPU is cached: named by a hash of all four."""
+def library_path(compiler: list[str], flags: tuple[str, ...] = COMPILE_FLAGS, source: Path = SOURCE_PATH) -> Path:
+    """Where the build of `source` (gemv.c, or another kernel beside it) by `compiler` with `flags` for this CPU is
+    cached: named by a hash of all four."""
     version = subprocess.run(
         [*compiler, "--version"], check=False, capture_output=True, text=True, errors="replace"
     ).stdout
     key = hashlib.sha256()
     for part in (
-        SOURCE_PATH.read_text(),
+        source.read_text(),
         " ".join(compiler),
         version,
         " ".join(flags),
@@ -98,11 +99,11 @@ def library_path(compiler: list[str], flags: tuple[str, ...] = COMPILE_FLAGS) ->
         _cpu_identity(),
     ):
         key.update(part.encode() + b"\0")
-    return cache_dir() / f"gemv-{key.hexdigest()[:16]}.so"
+    return cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
 
 
-def build(flags: tuple[str, ...] = COMPILE_FLAGS) -> Path:
-    """Compile gemv.c with `flags` (or reuse the cached build) and return the .so's path.
+def build(flags: tuple[str, ...] = COMPILE_FLAGS, source: Path = SOURCE_PATH) -> Path:
+    """Compile `source` (default gemv.c) with `flags` (or reuse the cached build) and return the .so's path.
 
     Raises RuntimeError when there is no compiler or compilation fails (with the compiler's output), OSError when
     the cache directory is not writable.
@@ -110,17 +111,17 @@ def build(flags: tuple[str, ...] = COMPILE_FLAGS) -> Path:
     compiler = find_compiler()
     if compiler is None:
         raise RuntimeError("no C compiler found (set $CC or install gcc)")
-    target = library_path(compiler, flags)
+    target = library_path(compiler, flags, source)
     if target.exists():
         return target
 
     target.parent.mkdir(parents=True, exist_ok=True)
     # Compile beside the target and rename: a concurrent process never loads a half-written library.
-    fd, tmp_name = tempfile.mkstemp(prefix=".gemv-", suffix=".so", dir=target.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{source.stem}-", suffix=".so", dir=target.parent)
     os.close(fd)
     try:
         result = subprocess.run(
-            [*compiler, *flags, "-o", tmp_name, str(SOURCE_PATH)],
+            [*compiler, *flags, "-o", tmp_name, str(source)],
             check=False,
             capture_output=True,
             text=True,

@@ -1,0 +1,173 @@
+"""Decode speed and weight memory of weight-only quantization on the ERNIE-4.5-0.3B shape (random weights).
+
+One process, same run: fp32 (the repo's GEMV kernel path), bf16, int8 (symmetric per channel), int4 (group 128)
+and 2-bit (group 64), each quantized with RTN (the runtime format, and so the speed, is the same for every
+method). Decode = one token per sequence through the model with a static KV cache after a short prefill, at
+batch 1 and batch 16. By default lm_head is quantized too (it is 106M of the 0.36B parameters: kept in fp32 it
+alone would cap int4 at ~2.6x); --keep-lm-head leaves it as checkpoints do by default.
+
+Reports tokens/s, speed-up over fp32, weight bytes read per decode step and the achieved GB/s, resident bytes of
+all parameters, and the quantized linears' bytes against bits * params / 8 + scales (+ zero points).
+Targets (issue 6): int8 >= 2.5x and int4 >= 4x fp32 at batch 1; weight memory within 10% of the ideal.
+Run on an idle machine: timings taken while other work runs are meaningless.
+
+    python benchmarks/bench_quant.py                       # the full 0.3B shape
+    python benchmarks/bench_quant.py --layers 2 --vocab 4096 --steps 4   # a quick check that it runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import platform
+import time
+
+import torch
+
+from ernie45.checkpoint import build_empty_model
+from ernie45.generation.static_cache import StaticKVCache
+from ernie45.models import Ernie45Config
+from ernie45.quant import QuantizedLinear, build_config, quantize_model
+
+
+def config_for(args) -> Ernie45Config:
+    return Ernie45Config.from_dict({
+        "model_type": "ernie4_5", "hidden_size": 1024, "num_hidden_layers": args.layers, "intermediate_size": 3072,
+        "num_attention_heads": 16, "num_key_value_heads": 2, "head_dim": 128, "vocab_size": args.vocab,
+        "tie_word_embeddings": True, "initializer_range": 0.02,
+    })
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return platform.processor()
+
+
+def unique_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def bytes_read_per_step(model) -> int:
+    """Weights every decode step streams: all linear weights (+ scales/zeros); embeddings only gather rows."""
+    tensors = []
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            tensors += [t for t in (module.qweight, module.scales, module.qzeros, module.bias) if t is not None]
+        elif isinstance(module, torch.nn.Linear):
+            tensors += [t for t in (module.weight, module.bias) if t is not None]
+    return unique_bytes(tensors)
+
+
+def quantized_linear_bytes(model) -> tuple[int, int]:
+    """(actual bytes of the quantized linears, ideal: bits * params / 8 + one fp16 scale (+ zero) per group)."""
+    actual = ideal = 0
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            actual += unique_bytes([t for t in (module.qweight, module.scales, module.qzeros) if t is not None])
+            params = module.out_features * module.in_features * (module.qweight.shape[0] if module.qweight.dim() == 3 else 1)
+            groups = params // module.group_size
+            ideal += params * module.spec.bits // 8 + groups * 2 * (1 if module.spec.symmetric else 2)
+    return actual, ideal
+
+
+@torch.inference_mode()
+def decode_tokens_per_second(model, batch: int, steps: int, prompt_len: int = 8) -> float:
+    cache = StaticKVCache(model.config, batch, prompt_len + steps + 2, model.dtype)
+    ids = torch.randint(3, model.config.vocab_size, (batch, prompt_len))
+    hidden = model.forward_hidden(ids, torch.arange(prompt_len), cache)
+    cache.advance()
+    next_ids = model.compute_logits(hidden[:, -1]).argmax(-1)
+    # One warm-up step (first-call allocations, kernel build), then the timed steps.
+    times = []
+    for step in range(steps + 1):
+        start = time.perf_counter()
+        hidden = model.forward_hidden(next_ids[:, None], torch.tensor([cache.length]), cache)
+        cache.advance()
+        next_ids = model.compute_logits(hidden[:, -1]).argmax(-1)
+        if step:
+            times.append(time.perf_counter() - start)
+    times.sort()
+    return batch / times[len(times) // 2]  # median step
+
+
+def variants(base, args):
+    """(name, model) pairs, built one at a time so that at most two copies are resident."""
+    yield "fp32", base
+    bf16 = copy.deepcopy(base).to(torch.bfloat16)
+    bf16.tie_weights()
+    yield "bf16", bf16
+    del bf16
+    for name, bits in (("int8", 8), ("int4", 4), ("2-bit", 2)):
+        if name not in args.variants:
+            continue
+        model = copy.deepcopy(base)
+        model.tie_weights()
+        config = build_config(model, bits=bits, method="rtn", quantize_lm_head=not args.keep_lm_head)
+        yield name, quantize_model(model, config)
+        del model
+        gc.collect()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--layers", type=int, default=18)
+    parser.add_argument("--vocab", type=int, default=103424)
+    parser.add_argument("--steps", type=int, default=16, help="timed decode steps per case (median reported)")
+    parser.add_argument("--batches", default="1,16")
+    parser.add_argument("--variants", default="fp32,bf16,int8,int4,2-bit")
+    parser.add_argument("--keep-lm-head", action="store_true", help="leave lm_head in the model dtype")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    base = build_empty_model(config_for(args), torch.float32)
+    base.init_weights(torch.Generator().manual_seed(0))
+    batches = [int(b) for b in args.batches.split(",")]
+
+    rows = []
+    for name, model in variants(base, args):
+        if name not in args.variants.split(","):
+            continue
+        row = {"variant": name, "resident_bytes": unique_bytes(model.parameters()), "read_bytes": bytes_read_per_step(model)}
+        actual, ideal = quantized_linear_bytes(model)
+        if ideal:
+            row.update(quant_bytes=actual, ideal_bytes=ideal, vs_ideal=actual / ideal)
+        for batch in batches:
+            tps = decode_tokens_per_second(model, batch, args.steps)
+            row[f"tok_s_b{batch}"] = tps
+            row[f"gb_s_b{batch}"] = row["read_bytes"] * tps / batch / 1e9
+        rows.append(row)
+        print(f"  measured {name}", flush=True)
+
+    fp32 = next((r for r in rows if r["variant"] == "fp32"), None)
+    header = f"{'variant':8} {'resident MB':>11} {'read/step MB':>12} {'vs ideal':>8}"
+    for b in batches:
+        header += f" {'tok/s b' + str(b):>11} {'x fp32':>7} {'GB/s':>6}"
+    print(f"\n{cpu_name()}, {args.threads} threads, torch {torch.__version__}, {args.layers} layers, vocab {args.vocab}"
+          f", lm_head {'kept' if args.keep_lm_head else 'quantized'}")
+    print(header)
+    for r in rows:
+        line = f"{r['variant']:8} {r['resident_bytes'] / 1e6:11.1f} {r['read_bytes'] / 1e6:12.1f} "
+        line += f"{r['vs_ideal']:8.3f}" if "vs_ideal" in r else f"{'':8}"
+        for b in batches:
+            ratio = r[f"tok_s_b{b}"] / fp32[f"tok_s_b{b}"] if fp32 else float("nan")
+            r[f"x_fp32_b{b}"] = ratio
+            line += f" {r[f'tok_s_b{b}']:11.1f} {ratio:7.2f} {r[f'gb_s_b{b}']:6.1f}"
+        print(line)
+    print(json.dumps({"bench": "quant", "cpu": cpu_name(), "threads": args.threads, "layers": args.layers,
+                      "vocab": args.vocab, "lm_head_quantized": not args.keep_lm_head, "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()

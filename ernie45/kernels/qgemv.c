@@ -1,0 +1,401 @@
+/* y[M, N] = x[M, K] @ dequant(Wq)[N, K]^T (+ bias[N]) for small M: decode with weight-only quantized weights.
+ *
+ * Decode is bound by memory bandwidth, so reading 1, 0.5 or 0.25 bytes per weight instead of 4 (fp32) is the
+ * whole point; the kernel unpacks the codes in registers and never writes a dequantized weight to memory (M <= 2)
+ * or only into a per-thread L1/L2 buffer reused by every row of x (M > 2).
+ *
+ * Format (ernie45/quant/packing.py is the Python side and must match):
+ * - codes q in [0, 2^bits) along K, packed into bytes in blocks of 16 bytes per row. A block holds 16 * (8 / bits)
+ *   consecutive weights: byte j's bits [s*bits, (s+1)*bits) hold weight (s * 16 + j) of the block. So one 16-byte
+ *   load gives 16 consecutive weights per shift, with no cross-lane shuffle (llama.cpp's Q4_0 idea, generalised).
+ *   Rows are padded to whole blocks (row_bytes); weights past K are never read.
+ * - per group of `group_size` weights along K: a scale s and a zero point z, fp16; w = (q - z) * s. Symmetric
+ *   formats pass zeros = NULL and a constant zero point (2^(bits-1)).
+ * So dot(w, x) = sum_g s_g * (dot(q_g, x_g) - z_g * sum(x_g)): the codes are widened to fp32 and multiplied by x
+ * once per group, the scale and zero applied once per group.
+ *
+ * Plain C with GCC vector extensions (one code path for AVX-512 and AVX2; -march=native picks the widths).
+ * Shares torch's OpenMP runtime (loaded after torch) and takes the thread count as an argument, as gemv.c does.
+ */
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX2__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+enum { DTYPE_F32 = 0, DTYPE_BF16 = 1, DTYPE_F16 = 2 };
+enum { QGEMV_OK = 0, QGEMV_BAD_DTYPE = 1, QGEMV_BAD_SHAPE = 2, QGEMV_NO_MEMORY = 3 };
+
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef uint8_t u8x16 __attribute__((vector_size(16)));
+typedef uint8_t u8x16_u __attribute__((vector_size(16), aligned(1), may_alias));
+typedef float f32x16_u __attribute__((vector_size(64), aligned(1), may_alias));
+
+#define INLINE static inline __attribute__((always_inline))
+
+/* An empty asm claiming to modify v, as in gemv.c: without it gcc folds each load into every FMA that uses it,
+ * doubling the loads, which then bind before the FMAs do. */
+#if defined(__x86_64__) || defined(__i386__)
+#define KEEP_IN_REGISTER(v) __asm__("" : "+v"(v))
+#else
+#define KEEP_IN_REGISTER(v) ((void)0)
+#endif
+
+/* Rows of W per tile: independent FMA chains (M <= 2) and a tile small enough to stay in L1 (M > 2). */
+#define TILE_R 4
+/* Rows of x per step of the dequantize-then-dot path: TILE_R * TILE_M accumulators + TILE_R weights + 1 x. */
+#define TILE_M 4
+#define MIN_PARALLEL_BYTES (1 << 15)
+/* Software prefetch this far ahead in each weight row stream (prefetcht2, once per 64-byte line), as gemv.c
+ * does: the hardware prefetcher alone loses the tile's interleaved row streams at page boundaries. */
+#ifndef PREFETCH_BYTES
+#define PREFETCH_BYTES (64 * 1024)
+#endif
+/* Weights per row dequantized at a time (M > 2): TILE_R rows of it (4 KiB) and TILE_M rows of x (16 KiB) stay in
+ * L1. Without the chunking every tile streamed all of x from L2 and M = 16 ran at a quarter of the FMA rate. */
+#define K_CHUNK 256
+/* Rows of x whose accumulators are kept per tile (16 KiB of vectors); more rows are done in passes. */
+#define MAX_M_ACC 16
+
+/* ---- scalar conversions (portable: no F16C needed; called per group or per element of x/y only) ---- */
+
+INLINE float bf16_to_f32(uint16_t bits) {
+    uint32_t wide = (uint32_t)bits << 16;
+    float f;
+    memcpy(&f, &wide, sizeof f);
+    return f;
+}
+
+INLINE uint16_t f32_to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (uint16_t)(bits >> 16);
+}
+
+#if defined(__F16C__)
+INLINE float f16_to_f32(uint16_t h) { return _cvtsh_ss(h); }
+#else
+INLINE float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ffu, bits;
+    if (exp == 0x1f) {
+        bits = sign | 0x7f800000u | (mant << 13);
+    } else if (exp != 0) {
+        bits = sign | ((exp + 112u) << 23) | (mant << 13);
+    } else if (mant == 0) {
+        bits = sign;
+    } else { /* subnormal: normalise */
+        exp = 113;
+        while (!(mant & 0x400u)) {
+            mant <<= 1;
+            --exp;
+        }
+        bits = sign | (exp << 23) | ((mant & 0x3ffu) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+#endif
+
+INLINE uint16_t f32_to_f16(float f) {
+    /* Round to nearest even via the hardware-free classic method; only used for y in fp16. */
+    uint32_t x;
+    memcpy(&x, &f, sizeof x);
+    uint32_t sign = (x >> 16) & 0x8000u;
+    int32_t exp = (int32_t)((x >> 23) & 0xff) - 127 + 15;
+    uint32_t mant = x & 0x7fffffu;
+    if (((x >> 23) & 0xff) == 0xff) return (uint16_t)(sign | 0x7c00u | (mant ? 0x200u : 0));
+    if (exp >= 0x1f) return (uint16_t)(sign | 0x7c00u);
+    if (exp <= 0) {
+        if (exp < -10) return (uint16_t)sign;
+        mant |= 0x800000u;
+        uint32_t shift = (uint32_t)(14 - exp);
+        uint32_t half = mant >> shift, rem = mant & ((1u << shift) - 1), mid = 1u << (shift - 1);
+        if (rem > mid || (rem == mid && (half & 1))) ++half;
+        return (uint16_t)(sign | half);
+    }
+    uint32_t half = sign | ((uint32_t)exp << 10) | (mant >> 13), rem = mant & 0x1fffu;
+    if (rem > 0x1000u || (rem == 0x1000u && (half & 1))) ++half;
+    return (uint16_t)half;
+}
+
+INLINE float load_scalar(const void *base, int dtype, int64_t i) {
+    if (dtype == DTYPE_F32) return ((const float *)base)[i];
+    if (dtype == DTYPE_BF16) return bf16_to_f32(((const uint16_t *)base)[i]);
+    return f16_to_f32(((const uint16_t *)base)[i]);
+}
+
+INLINE void store_scalar(void *base, int dtype, int64_t i, float value) {
+    if (dtype == DTYPE_F32)
+        ((float *)base)[i] = value;
+    else if (dtype == DTYPE_BF16)
+        ((uint16_t *)base)[i] = f32_to_bf16(value);
+    else
+        ((uint16_t *)base)[i] = f32_to_f16(value);
+}
+
+INLINE float hsum(f32x16 v) {
+#if defined(__AVX512F__)
+    return _mm512_reduce_add_ps((__m512)v);
+#else
+    float s = 0.0f;
+#pragma GCC unroll 16
+    for (int j = 0; j < 16; ++j) s += v[j];
+    return s;
+#endif
+}
+
+/* The 16 codes of weights [16 v, 16 v + 16) of a packed row, widened to fp32. BITS is a compile-time constant at
+ * every call site. */
+INLINE f32x16 codes16(const uint8_t *row, int64_t v, int BITS) {
+    const int per = 8 / BITS;
+    const int shift = (int)(v % per) * BITS;
+#if defined(__AVX2__)
+    /* Named instructions: gcc lowers __builtin_convertvector(u8x16 -> f32x16) through scalar moves. */
+    __m128i q = _mm_loadu_si128((const __m128i *)(row + (v / per) * 16));
+    if (BITS != 8) q = _mm_and_si128(_mm_srli_epi16(q, shift), _mm_set1_epi8((char)((1u << BITS) - 1)));
+#if defined(__AVX512F__)
+    return (f32x16)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q));
+#else
+    const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q));
+    const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(q, 8)));
+    f32x16 out;
+    memcpy(&out, &lo, sizeof lo);
+    memcpy((char *)&out + sizeof lo, &hi, sizeof hi);
+    return out;
+#endif
+#else
+    const u8x16 bytes = *(const u8x16_u *)(row + (v / per) * 16);
+    u8x16 q = BITS == 8 ? bytes : (u8x16)((bytes >> shift) & (uint8_t)((1u << BITS) - 1));
+    f32x16 out;
+    for (int j = 0; j < 16; ++j) out[j] = (float)q[j];
+    return out;
+#endif
+}
+
+/* M <= 2: for TILE_R weight rows and MT rows of x, accumulate dot(q_g, x_g) per group in vectors, fold each
+ * group into a running vector total scaled by the group's scale (one broadcast FMA), and subtract the zero-point
+ * term s * z * sum(x_g) as a scalar; one horizontal sum per row at the end. xsum[m][g] = sum(x_g) precomputed. */
+INLINE void rows_direct(const uint8_t *qw, int64_t row_bytes, const uint16_t *scales, const uint16_t *zeros,
+                        float zero_const, int64_t n0, int R, const float *x, const float *xsum, int MT, int64_t K,
+                        int64_t G, int BITS, float out[TILE_R][2]) {
+    const int64_t groups = K / G, vecs_per_group = G / 16;
+    f32x16 total[TILE_R][2];
+    float zero_term[TILE_R][2];
+#pragma GCC unroll 4
+    for (int r = 0; r < TILE_R; ++r) {
+        total[r][0] = total[r][1] = (f32x16){0};
+        zero_term[r][0] = zero_term[r][1] = 0.0f;
+    }
+    for (int64_t g = 0; g < groups; ++g) {
+        f32x16 acc[TILE_R][2];
+#pragma GCC unroll 4
+        for (int r = 0; r < TILE_R; ++r) acc[r][0] = acc[r][1] = (f32x16){0};
+        for (int64_t v = g * vecs_per_group; v < (g + 1) * vecs_per_group; ++v) {
+            if (((v * 16 * BITS / 8) & 63) == 0)
+#pragma GCC unroll 4
+                for (int r = 0; r < R; ++r)
+                    __builtin_prefetch(qw + (n0 + r) * row_bytes + (v / (8 / BITS)) * 16 + PREFETCH_BYTES, 0, 1);
+            f32x16 xv[2];
+#pragma GCC unroll 2
+            for (int m = 0; m < MT; ++m) {
+                xv[m] = *(const f32x16_u *)(x + m * K + v * 16);
+                KEEP_IN_REGISTER(xv[m]);
+            }
+#pragma GCC unroll 4
+            for (int r = 0; r < R; ++r) {
+                const f32x16 w = codes16(qw + (n0 + r) * row_bytes, v, BITS);
+#pragma GCC unroll 2
+                for (int m = 0; m < MT; ++m) acc[r][m] += w * xv[m];
+            }
+        }
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) {
+            const int64_t at = (n0 + r) * groups + g;
+            const float s = f16_to_f32(scales[at]);
+            const float sz = s * (zeros ? f16_to_f32(zeros[at]) : zero_const);
+#pragma GCC unroll 2
+            for (int m = 0; m < MT; ++m) {
+                total[r][m] += s * acc[r][m];
+                zero_term[r][m] += sz * xsum[m * groups + g];
+            }
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int m = 0; m < MT; ++m) out[r][m] = hsum(total[r][m]) - zero_term[r][m];
+}
+
+/* Dequantize weights [k0, k0 + kc) of rows [n0, n0 + R) into wbuf [R][kc] fp32. */
+INLINE void dequantize_chunk(const uint8_t *qw, int64_t row_bytes, const uint16_t *scales, const uint16_t *zeros,
+                             float zero_const, int64_t n0, int R, int64_t K, int64_t G, int64_t k0, int64_t kc,
+                             int BITS, float *wbuf) {
+    const int64_t groups = K / G;
+    for (int r = 0; r < R; ++r) {
+        const uint8_t *row = qw + (n0 + r) * row_bytes;
+        int64_t g = k0 / G, group_end = (g + 1) * G;
+        float s = f16_to_f32(scales[(n0 + r) * groups + g]);
+        float offset = -(zeros ? f16_to_f32(zeros[(n0 + r) * groups + g]) : zero_const) * s;
+        for (int64_t k = k0; k < k0 + kc; k += 16) {
+            if (k == group_end) {
+                ++g;
+                group_end += G;
+                s = f16_to_f32(scales[(n0 + r) * groups + g]);
+                offset = -(zeros ? f16_to_f32(zeros[(n0 + r) * groups + g]) : zero_const) * s;
+            }
+            *(f32x16_u *)(wbuf + r * kc + (k - k0)) = codes16(row, k / 16, BITS) * s + offset;
+        }
+    }
+}
+
+/* acc[r][m] += wbuf[r] . x[m] over kc weights, for an R x MT tile whose accumulators live in memory between
+ * chunks (loaded and stored once per chunk, from L1). */
+INLINE void dot_chunk(const float *wbuf, const float *x, int64_t K, int64_t kc, int R, int MT, f32x16 *acc_mem) {
+    f32x16 acc[TILE_R][TILE_M];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+        for (int m = 0; m < MT; ++m) acc[r][m] = acc_mem[r * TILE_M + m];
+    for (int64_t k = 0; k < kc; k += 16) {
+        f32x16 w[TILE_R];
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) {
+            w[r] = *(const f32x16_u *)(wbuf + r * kc + k);
+            KEEP_IN_REGISTER(w[r]);
+        }
+#pragma GCC unroll 4
+        for (int m = 0; m < MT; ++m) {
+            f32x16 xv = *(const f32x16_u *)(x + m * K + k);
+            KEEP_IN_REGISTER(xv);
+#pragma GCC unroll 4
+            for (int r = 0; r < R; ++r) acc[r][m] += w[r] * xv;
+        }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+        for (int m = 0; m < MT; ++m) acc_mem[r * TILE_M + m] = acc[r][m];
+}
+
+static void store_row_outputs(void *y, int y_dtype, const void *bias, int bias_dtype, int64_t N, int64_t n, int64_t m,
+                              float value) {
+    if (bias) value += load_scalar(bias, bias_dtype, n);
+    store_scalar(y, y_dtype, m * N + n, value);
+}
+
+/* One instantiation per bit width, so codes16's shifts and masks are constants. */
+#define DEFINE_QGEMV(BITS)                                                                                        \
+    static void qgemv_##BITS(const float *x, const float *xsum, const uint8_t *qw, int64_t row_bytes,            \
+                             const uint16_t *scales, const uint16_t *zeros, float zero_const, const void *bias,   \
+                             int bias_dtype, void *y, int y_dtype, int64_t M, int64_t N, int64_t K, int64_t G,    \
+                             int threads, float *wbufs) {                                                         \
+        const int64_t tiles = (N + TILE_R - 1) / TILE_R;                                                          \
+        _Pragma("omp parallel for schedule(static) num_threads(threads)")                                         \
+        for (int64_t t = 0; t < tiles; ++t) {                                                                     \
+            const int64_t n0 = t * TILE_R;                                                                        \
+            const int R = (int)(N - n0 < TILE_R ? N - n0 : TILE_R);                                               \
+            if (M <= 2) {                                                                                         \
+                float out[TILE_R][2];                                                                             \
+                if (R == TILE_R && M == 1)                                                                        \
+                    rows_direct(qw, row_bytes, scales, zeros, zero_const, n0, TILE_R, x, xsum, 1, K, G, BITS, out); \
+                else if (R == TILE_R)                                                                             \
+                    rows_direct(qw, row_bytes, scales, zeros, zero_const, n0, TILE_R, x, xsum, 2, K, G, BITS, out); \
+                else                                                                                              \
+                    rows_direct(qw, row_bytes, scales, zeros, zero_const, n0, R, x, xsum, (int)M, K, G, BITS, out); \
+                for (int r = 0; r < R; ++r)                                                                       \
+                    for (int64_t m = 0; m < M; ++m)                                                               \
+                        store_row_outputs(y, y_dtype, bias, bias_dtype, N, n0 + r, m, out[r][m]);                 \
+                continue;                                                                                         \
+            }                                                                                                     \
+            /* Per K chunk, the tile's weights are dequantized once into the thread's buffer and reused by every  \
+             * row of x while both sit in L1; accumulators persist across chunks in acc_mem. */                   \
+            float *wbuf = wbufs + (int64_t)omp_thread_index() * (TILE_R * K_CHUNK + 16 * TILE_R * MAX_M_ACC);             \
+            f32x16 *acc_mem = (f32x16 *)(wbuf + TILE_R * K_CHUNK);                                               \
+            for (int64_t m0 = 0; m0 < M; m0 += MAX_M_ACC) {                                                       \
+                const int64_t mend = M - m0 < MAX_M_ACC ? M : m0 + MAX_M_ACC;                                     \
+                memset(acc_mem, 0, sizeof(f32x16) * TILE_R * MAX_M_ACC);                                                  \
+                for (int64_t k0 = 0; k0 < K; k0 += K_CHUNK) {                                                     \
+                    const int64_t kc = K - k0 < K_CHUNK ? K - k0 : K_CHUNK;                                       \
+                    dequantize_chunk(qw, row_bytes, scales, zeros, zero_const, n0, R, K, G, k0, kc, BITS, wbuf);  \
+                    for (int64_t m = m0; m < mend; m += TILE_M) {                                                 \
+                        const int MT = (int)(mend - m < TILE_M ? mend - m : TILE_M);                              \
+                        f32x16 *acc = acc_mem + ((m - m0) / TILE_M) * TILE_R * TILE_M;                           \
+                        if (R == TILE_R && MT == TILE_M)                                                          \
+                            dot_chunk(wbuf, x + m * K + k0, K, kc, TILE_R, TILE_M, acc);                          \
+                        else                                                                                      \
+                            dot_chunk(wbuf, x + m * K + k0, K, kc, R, MT, acc);                                   \
+                    }                                                                                             \
+                }                                                                                                 \
+                for (int64_t m = m0; m < mend; ++m)                                                               \
+                    for (int r = 0; r < R; ++r) {                                                                 \
+                        const f32x16 *acc = acc_mem + ((m - m0) / TILE_M) * TILE_R * TILE_M;                     \
+                        store_row_outputs(y, y_dtype, bias, bias_dtype, N, n0 + r, m,                             \
+                                          hsum(acc[r * TILE_M + (m - m0) % TILE_M]));                             \
+                    }                                                                                             \
+            }                                                                                                     \
+        }                                                                                                         \
+    }
+
+#ifdef _OPENMP
+#include <omp.h>
+INLINE int omp_thread_index(void) { return omp_get_thread_num(); }
+#else
+INLINE int omp_thread_index(void) { return 0; }
+#endif
+
+DEFINE_QGEMV(8)
+DEFINE_QGEMV(4)
+DEFINE_QGEMV(2)
+
+/* Returns QGEMV_OK or an error code. x, bias and y: fp32/bf16/fp16 by their dtype codes; scales and zeros fp16;
+ * zeros NULL means every group's zero point is zero_const. K and group_size must be multiples of 16, group_size
+ * must divide K, and row_bytes must cover K rounded up to whole 16-byte blocks. */
+int ernie45_qgemv(const void *x, int x_dtype, const uint8_t *qweight, int bits, int64_t row_bytes,
+                  const uint16_t *scales, const uint16_t *zeros, float zero_const, int64_t group_size,
+                  const void *bias, int bias_dtype, void *y, int y_dtype, int64_t M, int64_t N, int64_t K,
+                  int threads) {
+    if (x_dtype < 0 || x_dtype > 2 || y_dtype < 0 || y_dtype > 2 || (bias && (bias_dtype < 0 || bias_dtype > 2)))
+        return QGEMV_BAD_DTYPE;
+    const int per = bits == 8 ? 1 : bits == 4 ? 2 : bits == 2 ? 4 : 0;
+    if (!per || M <= 0 || N <= 0 || K <= 0 || K % 16 || group_size <= 0 || group_size % 16 || K % group_size ||
+        row_bytes < (K + 16 * per - 1) / (16 * per) * 16)
+        return QGEMV_BAD_SHAPE;
+    if (threads < 1) threads = 1;
+    if (N * row_bytes < MIN_PARALLEL_BYTES) threads = 1;
+    const int64_t groups = K / group_size;
+    /* x widened to fp32 once, and per-group sums of x for the zero-point term. */
+    float *xf = malloc(sizeof(float) * (M * K + M * groups));
+    float *wbufs = M > 2 ? aligned_alloc(64, sizeof(float) * (TILE_R * K_CHUNK + 16 * TILE_R * MAX_M_ACC) * threads) : NULL;
+    if (!xf || (M > 2 && !wbufs)) {
+        free(xf);
+        free(wbufs);
+        return QGEMV_NO_MEMORY;
+    }
+    float *xsum = xf + M * K;
+    for (int64_t m = 0; m < M; ++m)
+        for (int64_t g = 0; g < groups; ++g) {
+            float s = 0.0f;
+            for (int64_t k = g * group_size; k < (g + 1) * group_size; ++k) {
+                const float v = load_scalar(x, x_dtype, m * K + k);
+                xf[m * K + k] = v;
+                s += v;
+            }
+            xsum[m * groups + g] = s;
+        }
+    if (bits == 8)
+        qgemv_8(xf, xsum, qweight, row_bytes, scales, zeros, zero_const, bias, bias_dtype, y, y_dtype, M, N, K,
+                group_size, threads, wbufs);
+    else if (bits == 4)
+        qgemv_4(xf, xsum, qweight, row_bytes, scales, zeros, zero_const, bias, bias_dtype, y, y_dtype, M, N, K,
+                group_size, threads, wbufs);
+    else
+        qgemv_2(xf, xsum, qweight, row_bytes, scales, zeros, zero_const, bias, bias_dtype, y, y_dtype, M, N, K,
+                group_size, threads, wbufs);
+    free(xf);
+    free(wbufs);
+    return QGEMV_OK;
+}
