@@ -14,8 +14,8 @@ from ernie45.training import train
 from ernie45.training.data import Encoder, collate, collate_pairs, pack
 from ernie45.training.data.readers import read_records
 from ernie45.training.forward import TrainingModel
-from ernie45.training.losses import sequence_logps, shifted_targets
 from ernie45.training.lora import load_adapter
+from ernie45.training.losses import sequence_logps, shifted_targets
 
 from .helpers import dpo_erniekit, make_config, pt_text, sft_erniekit
 
@@ -105,7 +105,7 @@ def test_sft_lora_peft_round_trip_and_merge_export(tmp_path, tiny_dense):
     from safetensors import safe_open
 
     with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
-        assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in f.keys()
+        assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in f.keys()  # noqa: SIM118
 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -141,8 +141,9 @@ def test_dpo_raises_chosen_minus_rejected_margin(tmp_path, tiny_moe, fine_tuning
 
 def test_resume_reproduces_the_uninterrupted_loss_curve(tmp_path, tiny_moe):
     data = sft_erniekit(tmp_path / "sft.jsonl")
-    common = dict(batch_size=2, gradient_accumulation_steps=2, max_steps=6, save_steps=3, lr_scheduler_type="cosine",
-                  warmup_steps=2, moe_use_aux_free=True, moe_aux_loss_lambda=0.01, fine_tuning="LoRA", lora_dropout=0.1)
+    common = {"batch_size": 2, "gradient_accumulation_steps": 2, "max_steps": 6, "save_steps": 3,
+              "lr_scheduler_type": "cosine", "warmup_steps": 2, "moe_use_aux_free": True, "moe_aux_loss_lambda": 0.01,
+              "fine_tuning": "LoRA", "lora_dropout": 0.1}
     full = train(make_config(tiny_moe, tmp_path / "a", data, **common))
     assert (tmp_path / "a" / "checkpoint-3" / "trainer_state.json").is_file()
     resumed = train(make_config(tiny_moe, tmp_path / "b", data, resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"),

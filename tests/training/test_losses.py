@@ -4,9 +4,19 @@ import math
 
 import torch
 
-from ernie45.training.losses import (IGNORE, dpo_loss, expert_usage, moe_aux_loss, moe_z_loss, orthogonal_loss,
-                                     sequence_logps, shifted_targets, token_balanced, token_cross_entropy,
-                                     update_correction_bias)
+from ernie45.training.losses import (
+    IGNORE,
+    dpo_loss,
+    expert_usage,
+    moe_aux_loss,
+    moe_z_loss,
+    orthogonal_loss,
+    sequence_logps,
+    shifted_targets,
+    token_balanced,
+    token_cross_entropy,
+    update_correction_bias,
+)
 
 
 def test_shifted_targets_respect_mask_and_segments():
