@@ -40,6 +40,9 @@ class TrainingModel(nn.Module):
         self.orthogonal_group = orthogonal_group  # None: orthogonal loss off
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, segment_ids: torch.Tensor) -> TrainOutput:
+        if int(segment_ids.max()) <= 0:
+            # One sample per row (plus right padding, never a target): plain causal attention, no explicit mask.
+            segment_ids = None
         attn = CausalAttention(segment_ids)
         router_logits: list[torch.Tensor] = []
         hidden = self.model.forward_hidden(input_ids, positions, attn, router_logits=router_logits)
