@@ -1,4 +1,4 @@
-"""`ernie45` command line: generate, chat, serve, quantize."""
+"""`ernie45` command line: generate, chat, serve, train, export, plot, quantize."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..server import serve as server_cli
-from . import chat_cmd, generate_cmd, quantize_cmd
+from . import chat_cmd, export_cmd, generate_cmd, plot_cmd, quantize_cmd, train_cmd
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -48,9 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
     server_cli.add_serve_arguments(serve)
     serve.set_defaults(run=server_cli.run)
 
-    quant = sub.add_parser("quantize", help="weight-only int8/int4/2-bit quantization into a packed checkpoint")
-    quantize_cmd.add_arguments(quant)
-    quant.set_defaults(run=quantize_cmd.run)
+    for name, module, help_text in (
+        ("train", train_cmd, "train (PT / SFT / DPO, Full or LoRA) from an ERNIEKit-style YAML config"),
+        ("export", export_cmd, "merge a LoRA adapter into a full checkpoint"),
+        ("plot", plot_cmd, "plot the loss curves of a training run"),
+        ("quantize", quantize_cmd, "weight-only int8/int4/2-bit quantization into a packed checkpoint"),
+    ):
+        cmd = sub.add_parser(name, help=help_text)
+        module.add_arguments(cmd)
+        cmd.set_defaults(run=module.run)
     return parser
 
 
