@@ -175,7 +175,8 @@ class Ernie45VLConfig:
         mrope = rope.pop("mrope_section", None) or [22, 22, 20]
         text_raw["rope_parameters"] = rope or None
         text_raw["model_type"] = "ernie4_5_moe"
-        text_raw.setdefault("tie_word_embeddings", raw.get("tie_word_embeddings", True))
+        # transformers ties the head by the top-level flag (text_config's is ignored)
+        text_raw["tie_word_embeddings"] = raw.get("tie_word_embeddings", True)
         layers = text_raw["num_hidden_layers"]
         text_raw.setdefault("mlp_layer_types", ["dense"] + ["sparse"] * (layers - 1))
         text_raw.setdefault("moe_layer_start_index", 0)

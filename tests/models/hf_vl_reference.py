@@ -10,10 +10,10 @@ TOKEN_IDS = dict(image_token_id=IMAGE, image_start_token_id=IMAGE_START, image_e
 TEXT_BASE = dict(
     vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
     num_key_value_heads=2, moe_intermediate_size=[32, 16], moe_num_experts=4, moe_k=2, moe_num_shared_experts=1,
-    mlp_layer_types=["dense", "sparse", "sparse"], initializer_range=0.3,
+    mlp_layer_types=["dense", "sparse", "sparse"], initializer_range=0.15,
     rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [3, 3, 2]},
 )
-VISION_BASE = dict(depth=2, hidden_size=32, num_heads=2, intermediate_size=64, initializer_range=0.3)
+VISION_BASE = dict(depth=2, hidden_size=32, num_heads=2, intermediate_size=64, initializer_range=0.15)
 
 
 def build_hf_vl_model(seed: int = 0, text: dict | None = None, vision: dict | None = None, **overrides):
