@@ -29,11 +29,24 @@ _HF_FUSED_BIAS = re.compile(r"^(model\.layers\.\d+\.mlp)\.gate\.moe_statics\.e_s
 
 @dataclass(frozen=True)
 class Target:
-    """Where a checkpoint tensor goes: parameter `name`, at expert `expert` and row half `half` (None = whole)."""
+    """Where a checkpoint tensor goes: parameter `name`, at expert `expert` and row half `half` (None = whole).
+
+    `source_row` takes one row of the checkpoint tensor (kept 2-D) and `transpose` flips it first: the VL layout's
+    stacked correction biases and transposed gate weights."""
 
     name: str
     expert: int | None = None
     half: str | None = None  # "gate" | "up" for gate_up_proj rows; None for down_proj / whole tensors
+    source_row: int | None = None
+    transpose: bool = False
+
+    def source(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The part of the checkpoint tensor this target receives."""
+        if self.transpose:
+            tensor = tensor.t()
+        if self.source_row is not None:
+            tensor = tensor[self.source_row : self.source_row + 1]
+        return tensor
 
 
 def target_of(hf_name: str) -> Target:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -13,8 +14,9 @@ from safetensors import SafetensorError, safe_open
 from ..models.config import Ernie45Config
 from ..models.ernie45 import Ernie45ForCausalLM
 from ..models.layers import RotaryEmbedding
+from ..models.vl_config import VL_MODEL_TYPES
 from ..quant.modules import apply_quantization_config
-from .hf_layout import place, target_of
+from .hf_layout import Target, place, target_of
 from .hub import resolve_model_path
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -23,14 +25,14 @@ FP32_PARAM_SUFFIXES = (".mlp.gate.weight", ".e_score_correction_bias")
 INDEX_FILE = "model.safetensors.index.json"
 
 
-def parse_dtype(dtype: str | torch.dtype | None, config: Ernie45Config) -> torch.dtype:
-    """'auto'/None -> the checkpoint's dtype (config `dtype`/`torch_dtype`), else float32."""
+def parse_dtype(dtype: str | torch.dtype | None, config_extra: dict) -> torch.dtype:
+    """'auto'/None -> the checkpoint's dtype (config.json `dtype`/`torch_dtype`, kept in `extra`), else float32."""
     if isinstance(dtype, torch.dtype):
         if dtype not in DTYPES.values():
             raise ValueError(f"dtype {dtype} is not supported; use one of {', '.join(DTYPES)}")
         return dtype
     if dtype in (None, "auto"):
-        dtype = config.extra.get("dtype") or config.extra.get("torch_dtype") or "float32"
+        dtype = config_extra.get("dtype") or config_extra.get("torch_dtype") or "float32"
         return DTYPES.get(dtype, torch.float32)
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; use one of auto, {', '.join(DTYPES)}")
@@ -94,16 +96,54 @@ def build_empty_model(config: Ernie45Config, dtype: torch.dtype, num_mtp_layers:
 def load_model(
     model: str | Path, dtype: str | torch.dtype | None = "auto", device: str | torch.device = "cpu"
 ) -> Ernie45ForCausalLM:
-    """Load a local checkpoint directory or hub id into an `Ernie45ForCausalLM` in eval mode."""
+    """Load a local checkpoint directory or hub id in eval mode: an `Ernie45ForCausalLM` for the text model types,
+    an `Ernie45VLForConditionalGeneration` for `ernie4_5_vl_moe` (chosen by config.json's model_type)."""
     directory = resolve_model_path(model)
+    if read_model_type(directory) in VL_MODEL_TYPES:
+        from .vl_loader import load_vl_model
+
+        return load_vl_model(directory, dtype, device)
     config = Ernie45Config.from_file(directory)
-    torch_dtype = parse_dtype(dtype, config)
+    torch_dtype = parse_dtype(dtype, config.extra)
     weight_files = list_weight_files(directory)
     mtp_layers = count_mtp_layers(weight_files, config)
     net = build_empty_model(config, torch_dtype, mtp_layers, device)
     if "quantization_config" in config.extra:
         # Packed checkpoint: the quantized modules replace the dense ones before their tensors are read.
         net = apply_quantization_config(net, config.extra["quantization_config"])
+
+    def skip(target: Target, params) -> bool:
+        if target.name == "lm_head.weight" and config.tie_word_embeddings:
+            return True  # some tied checkpoints carry a copy of the embedding; the tie wins
+        return target.name.startswith("model.mtp_") and target.name not in params  # beyond num_nextn_predict_layers
+
+    fill_weights(net, directory, weight_files, lambda name: [target_of(name)], skip)
+    net.eval()
+    net.source_dir = directory
+    net.generation_config = _read_generation_config(directory)
+    return net
+
+
+def read_model_type(directory: Path) -> str | None:
+    path = directory / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: config.json not found; a checkpoint directory needs one")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}): {exc.msg}") from exc
+    return raw.get("model_type") if isinstance(raw, dict) else None
+
+
+def fill_weights(
+    net: torch.nn.Module,
+    directory: Path,
+    weight_files: dict[str, Path],
+    targets_of: Callable[[str], list[Target]],
+    skip: Callable[[Target, dict], bool],
+) -> None:
+    """Copy every checkpoint tensor into the parameter slot(s) `targets_of` names; raise listing missing and
+    unexpected tensors if the checkpoint does not cover the model exactly."""
     params = dict(net.named_parameters())
     filled: dict[str, set] = defaultdict(set)
     unexpected: list[str] = []
@@ -114,24 +154,23 @@ def load_model(
         for file, names in by_file.items():
             with _open(file) as f:
                 for name in names:
-                    target = target_of(name)
-                    if target.name == "lm_head.weight" and config.tie_word_embeddings:
-                        continue  # some tied checkpoints carry a copy of the embedding; the tie wins
-                    if target.name.startswith("model.mtp_") and target.name not in params:
-                        continue  # MTP layers beyond num_nextn_predict_layers
-                    if target.name not in params:
-                        unexpected.append(name)
-                        continue
-                    try:
-                        tensor = f.get_tensor(name)
-                        view = place(params[target.name], target, tensor)
-                    except (SafetensorError, OSError) as exc:
-                        raise ValueError(f"{file}: tensor {name} cannot be read (truncated or corrupt?): {exc}") from exc
-                    except ValueError as exc:
-                        raise ValueError(f"{file}: tensor {name}: {exc}") from exc
-                    view.copy_(tensor)
-                    filled[target.name].add((target.expert, target.half))
-    missing = [n for n, p in params.items() if not _fully_filled(n, p, filled.get(n), net)]
+                    for target in targets_of(name):
+                        if skip(target, params):
+                            continue
+                        if target.name not in params:
+                            unexpected.append(name)
+                            continue
+                        try:
+                            tensor = target.source(f.get_tensor(name))
+                            view = place(params[target.name], target, tensor)
+                        except (SafetensorError, OSError) as exc:
+                            raise ValueError(f"{file}: tensor {name} cannot be read (truncated or corrupt?): {exc}") from exc
+                        except ValueError as exc:
+                            raise ValueError(f"{file}: tensor {name}: {exc}") from exc
+                        view.copy_(tensor)
+                        filled[target.name].add((target.expert, target.half))
+    tied = "lm_head.weight" if getattr(net.config, "tie_word_embeddings", False) else None
+    missing = [n for n, p in params.items() if n != tied and not _fully_filled(n, p, filled.get(n))]
     if missing or unexpected:
         parts = []
         if missing:
@@ -141,15 +180,9 @@ def load_model(
                 f"unexpected tensors ({len(unexpected)}): {', '.join(unexpected[:20])}" + (" ..." if len(unexpected) > 20 else "")
             )
         raise ValueError(f"{directory}: checkpoint does not match its config.json: " + "; ".join(parts))
-    net.eval()
-    net.source_dir = directory
-    net.generation_config = _read_generation_config(directory)
-    return net
 
 
-def _fully_filled(name: str, param: torch.Tensor, slots: set | None, net: Ernie45ForCausalLM) -> bool:
-    if name == "lm_head.weight" and net.config.tie_word_embeddings:
-        return True
+def _fully_filled(name: str, param: torch.Tensor, slots: set | None) -> bool:
     if not slots:
         return False
     base = name.removesuffix(".qweight").removesuffix(".scales").removesuffix(".qzeros")  # packed expert tensors

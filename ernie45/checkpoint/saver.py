@@ -13,6 +13,8 @@ import torch
 from safetensors.torch import save_file
 
 from ..models.ernie45 import Ernie45ForCausalLM
+from ..models.ernie45_vl import Ernie45VLForConditionalGeneration
+from . import hf_layout_vl
 from .hf_layout import to_released
 from .loader import INDEX_FILE
 
@@ -24,19 +26,29 @@ _TOKENIZER_FILES = (
     "special_tokens_map.json",
     "added_tokens.json",
     "chat_template.jinja",
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
+    "processor_config.json",
 )
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
-def released_state_dict(model: Ernie45ForCausalLM) -> dict[str, torch.Tensor]:
-    """Tensor name -> tensor in the released layout (tied head omitted)."""
-    out: dict[str, torch.Tensor] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if name == "lm_head.weight" and model.config.tie_word_embeddings:
-            continue
-        for hf_name, tensor in to_released(name, param.detach()):
-            out[hf_name] = tensor
-    return out
+def released_state_dict(model: Ernie45ForCausalLM | Ernie45VLForConditionalGeneration, layout: str = "released"):
+    """Tensor name -> tensor in the released layout, or (VL models) transformers' in-memory layout; tied head omitted."""
+    if layout not in hf_layout_vl.LAYOUTS:
+        raise ValueError(f"layout {layout!r} is not one of {', '.join(hf_layout_vl.LAYOUTS)}")
+    params = [
+        (name, param.detach())
+        for name, param in model.named_parameters(remove_duplicate=False)
+        if not (name == "lm_head.weight" and model.config.tie_word_embeddings)
+    ]
+    if isinstance(model, Ernie45VLForConditionalGeneration):
+        if layout == "released":
+            return hf_layout_vl.released_state_dict(params, model.config.text.moe_num_experts)
+        return dict(kv for name, param in params for kv in hf_layout_vl.to_transformers(name, param))
+    if layout != "released":
+        raise ValueError("text models are saved in the released layout only (transformers reads it as is)")
+    return dict(kv for name, param in params for kv in to_released(name, param))
 
 
 def _shard(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
@@ -57,8 +69,12 @@ def save_model(
     out_dir: str | Path,
     tokenizer=None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    layout: str = "released",
 ) -> Path:
     """Write config.json, generation_config.json, safetensors (sharded above `max_shard_bytes`) and tokenizer files.
+
+    `layout`: "released" (per-expert tensors; what transformers' save_pretrained writes) or, for VL models,
+    "transformers" (its in-memory names: stacked experts, split gates and biases).
 
     `tokenizer`: an object with `save_pretrained(dir)`, or a directory whose tokenizer files are copied; by
     default the tokenizer files of the directory the model was loaded from (if any).
@@ -67,7 +83,7 @@ def save_model(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        _write(model, tmp, tokenizer, max_shard_bytes)
+        _write(model, tmp, tokenizer, max_shard_bytes, layout)
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -75,8 +91,8 @@ def save_model(
     return out_dir
 
 
-def _write(model: Ernie45ForCausalLM, tmp: Path, tokenizer, max_shard_bytes: int) -> None:
-    tensors = released_state_dict(model)
+def _write(model, tmp: Path, tokenizer, max_shard_bytes: int, layout: str) -> None:
+    tensors = released_state_dict(model, layout)
     shards = _shard(tensors, max_shard_bytes)
     metadata = {"format": "pt"}
     if len(shards) == 1:
@@ -95,8 +111,9 @@ def _write(model: Ernie45ForCausalLM, tmp: Path, tokenizer, max_shard_bytes: int
     config["dtype"] = _DTYPE_NAMES[model.dtype]
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     generation = dict(getattr(model, "generation_config", None) or {})
+    text_config = getattr(model.config, "text", model.config)
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        generation.setdefault(key, getattr(model.config, key))
+        generation.setdefault(key, getattr(text_config, key))
     (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
 
     source = tokenizer if tokenizer is not None else getattr(model, "source_dir", None)

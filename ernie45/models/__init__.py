@@ -3,6 +3,8 @@
 from .attention import AttentionBackend, CausalAttention
 from .config import SUPPORTED_MODEL_TYPES, Ernie45Config
 from .ernie45 import Ernie45ForCausalLM, Ernie45Model
+from .ernie45_vl import Ernie45VLForConditionalGeneration
+from .vl_config import VL_MODEL_TYPES, Ernie45VLConfig, VisionConfig
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
@@ -11,4 +13,8 @@ __all__ = [
     "Ernie45Config",
     "Ernie45ForCausalLM",
     "Ernie45Model",
+    "Ernie45VLConfig",
+    "Ernie45VLForConditionalGeneration",
+    "VL_MODEL_TYPES",
+    "VisionConfig",
 ]

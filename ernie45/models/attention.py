@@ -56,6 +56,22 @@ class CausalAttention:
         return o.transpose(1, 2)
 
 
+class SegmentAttention:
+    """Non-causal attention inside each segment of a packed sequence, never across (the vision tower: each image or
+    video frame attends only to its own patches). `lengths`: tokens per segment, in order."""
+
+    def __init__(self, lengths: list[int]):
+        self.lengths = lengths
+
+    def attend(self, layer_idx, q_BTND, k_BTKD, v_BTKD, scale):
+        q, k, v = (t.transpose(1, 2) for t in (q_BTND, k_BTKD, v_BTKD))
+        outs = [
+            F.scaled_dot_product_attention(qs, ks, vs, scale=scale)
+            for qs, ks, vs in zip(*(t.split(self.lengths, dim=2) for t in (q, k, v)))
+        ]
+        return torch.cat(outs, dim=2).transpose(1, 2)
+
+
 class Attention(nn.Module):
     def __init__(self, config: Ernie45Config, layer_idx: int):
         super().__init__()

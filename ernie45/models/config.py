@@ -86,6 +86,8 @@ class Ernie45Config:
     """Whether transformers returns router logits; kept for round trips."""
     num_nextn_predict_layers: int = 0
     """Depth of the multi-token-prediction (MTP) block; 0 means none."""
+    mlp_layer_types: list[str] | None = None
+    """Per layer "dense" or "sparse" (transformers' VL field); when set it replaces the start/end/interval rule."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Every other key of config.json (Paddle extras such as moe_capacity or loss lambdas), kept verbatim."""
 
@@ -112,6 +114,12 @@ class Ernie45Config:
             raise ValueError(f"config.json: hidden_act {self.hidden_act!r} is not supported (ERNIE 4.5 uses 'silu')")
         if self.moe_layer_end_index == -1:
             self.moe_layer_end_index = self.num_hidden_layers - 1
+        if self.mlp_layer_types is not None:
+            if len(self.mlp_layer_types) != self.num_hidden_layers or set(self.mlp_layer_types) - {"dense", "sparse"}:
+                raise ValueError(
+                    f"config.json: mlp_layer_types must list 'dense' or 'sparse' for each of the {self.num_hidden_layers} "
+                    f"layers, got {self.mlp_layer_types}"
+                )
         if self.moe_layer_interval < 1:
             raise ValueError(f"config.json: moe_layer_interval must be >= 1, got {self.moe_layer_interval}")
         if self.has_moe_layers:
@@ -128,6 +136,8 @@ class Ernie45Config:
         return self.model_type == "ernie4_5_moe" and self.moe_num_experts > 0
 
     def is_moe_layer(self, layer_idx: int) -> bool:
+        if self.mlp_layer_types is not None:
+            return self.has_moe_layers and self.mlp_layer_types[layer_idx] == "sparse"
         return (
             self.has_moe_layers
             and (layer_idx + 1) % self.moe_layer_interval == 0
@@ -191,6 +201,8 @@ class Ernie45Config:
         out["model_type"] = self.model_type
         for f in dataclasses.fields(self):
             if f.name in ("extra", "model_type", "rope_theta"):
+                continue
+            if f.name == "mlp_layer_types" and self.mlp_layer_types is None:
                 continue
             if not is_moe and (f.name.startswith("moe_") or f.name in ("router_aux_loss_coef", "output_router_logits")):
                 continue

@@ -8,22 +8,26 @@ the released per-expert layout onto the stacked expert tensors. Legend: B batch,
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from .attention import Attention, AttentionBackend, CausalAttention
 from .config import Ernie45Config
 from .layers import Linear, RMSNorm, RotaryEmbedding, SwiGLU
-from .moe import MoeBlock
+from .moe import ModalityMoeBlock, MoeBlock
 
 
 class DecoderLayer(nn.Module):
     """Pre-norm block: h = x + Attn(norm(x)); y = h + MLP(norm(h)), the MLP dense or MoE."""
 
-    def __init__(self, config: Ernie45Config, layer_idx: int, moe: bool):
+    def __init__(
+        self, config: Ernie45Config, layer_idx: int, moe: bool, moe_block: Callable[[Ernie45Config], nn.Module] = MoeBlock
+    ):
         super().__init__()
         self.self_attn = Attention(config, layer_idx)
-        self.mlp = MoeBlock(config) if moe else SwiGLU(config.hidden_size, config.intermediate_size, config.use_bias)
+        self.mlp = moe_block(config) if moe else SwiGLU(config.hidden_size, config.intermediate_size, config.use_bias)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -33,24 +37,31 @@ class DecoderLayer(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         attn_metadata: AttentionBackend,
         router_logits: list[torch.Tensor] | None = None,
+        moe_token_types: torch.Tensor | None = None,
     ) -> torch.Tensor:
         h = x_BTH + self.self_attn(self.input_layernorm(x_BTH), rope, attn_metadata)
         normed = self.post_attention_layernorm(h)
+        if isinstance(self.mlp, ModalityMoeBlock):
+            return h + self.mlp(normed, moe_token_types, router_logits)
         if isinstance(self.mlp, MoeBlock):
             return h + self.mlp(normed, router_logits)
         return h + self.mlp(normed)
 
 
 class Ernie45Model(nn.Module):
-    """Embedding + decoder layers + final norm (+ MTP modules when `num_mtp_layers` > 0)."""
+    """Embedding + decoder layers + final norm (+ MTP modules when `num_mtp_layers` > 0).
 
-    def __init__(self, config: Ernie45Config, num_mtp_layers: int = 0):
+    `moe_block` builds the MLP of the MoE layers (the VL model passes its modality-isolated block)."""
+
+    def __init__(
+        self, config: Ernie45Config, num_mtp_layers: int = 0, moe_block: Callable[[Ernie45Config], nn.Module] = MoeBlock
+    ):
         super().__init__()
         self.config = config
         H = config.hidden_size
         self.embed_tokens = nn.Embedding(config.vocab_size, H)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, i, moe=config.is_moe_layer(i)) for i in range(config.num_hidden_layers)
+            DecoderLayer(config, i, moe=config.is_moe_layer(i), moe_block=moe_block) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(H, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.compression_ratio)
@@ -72,11 +83,13 @@ class Ernie45Model(nn.Module):
         attn_metadata: AttentionBackend | None = None,
         inputs_embeds: torch.Tensor | None = None,
         router_logits: list[torch.Tensor] | None = None,
+        moe_token_types: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids [B, T] (or inputs_embeds [B, T, H]) -> hidden states [B, T, H] BEFORE the final norm.
 
-        positions [B, T] or [T] default to 0..T-1; attn_metadata defaults to cache-free causal attention.
-        If `router_logits` is a list, each MoE layer appends its fp32 router logits [B*T, E] to it.
+        positions [B, T] or [T] (3-D RoPE: [3, B, T]) default to 0..T-1; attn_metadata defaults to cache-free causal
+        attention. If `router_logits` is a list, each MoE layer appends its fp32 router logits [tokens, E] to it.
+        `moe_token_types` [B, T] (VL: 0 text, non-zero vision) picks each token's expert set in modality MoE layers.
         """
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if positions is None:
@@ -84,7 +97,7 @@ class Ernie45Model(nn.Module):
         rope = self.rotary_emb(positions)
         attn_metadata = attn_metadata if attn_metadata is not None else CausalAttention()
         for layer in self.layers:
-            x = layer(x, rope, attn_metadata, router_logits)
+            x = layer(x, rope, attn_metadata, router_logits, moe_token_types)
         return x
 
     def mtp_forward(

@@ -114,8 +114,42 @@ class RotaryEmbedding(nn.Module):
         return freqs.cos(), freqs.sin()
 
 
-def apply_rotary(x_BTND: torch.Tensor, cos_BTF: torch.Tensor, sin_BTF: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[2i], x[2i+1]) by the angle of frequency i; returns the input dtype."""
+class MRotaryEmbedding(RotaryEmbedding):
+    """3-D rotary of the VL language model: positions (t, h, w). Frequency slot i < h+w takes the h position (even i)
+    or the w position (odd i); the last `t` slots take t; slot i still rotates dims (2i, 2i+1) with frequency i.
+
+    `mrope_section` = (h, w, t) slot counts as in transformers' `rope_parameters.mrope_section` ((22, 22, 20) released).
+    """
+
+    def __init__(self, head_dim: int, theta: float, mrope_section: tuple[int, int, int]):
+        super().__init__(head_dim, theta)
+        h, w, t = mrope_section
+        if h != w or h + w + t != head_dim // 2:
+            raise ValueError(
+                f"mrope_section {list(mrope_section)} must be [n, n, m] with 2n + m = head_dim / 2 = {head_dim // 2}"
+            )
+        axis = torch.tensor([1 + i % 2 for i in range(h + w)] + [0] * t)  # 0 = t, 1 = h, 2 = w
+        self.register_buffer("axis_of_slot", axis, persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [3, ..., T] (t, h, w) or text-only [..., T] -> (cos, sin), each [..., T, D/2] fp32."""
+        if positions.dim() < 2 or positions.shape[0] != 3:
+            positions = positions.unsqueeze(0).expand(3, *positions.shape)
+        freqs_3TF = positions.float()[..., None] * self.inv_freq.float()
+        index = self.axis_of_slot.view(1, *([1] * (freqs_3TF.dim() - 2)), -1).expand(1, *freqs_3TF.shape[1:])
+        freqs = freqs_3TF.gather(0, index)[0]
+        return freqs.cos(), freqs.sin()
+
+
+def apply_rotary(
+    x_BTND: torch.Tensor, cos_BTF: torch.Tensor, sin_BTF: torch.Tensor, interleaved: bool = True
+) -> torch.Tensor:
+    """Rotate pairs (x[2i], x[2i+1]) by the angle of frequency i (interleaved, the language models), or pairs
+    (x[i], x[i + D/2]) (half rotation, the vision tower); returns the input dtype."""
+    if not interleaved:
+        x1, x2 = x_BTND.float().chunk(2, dim=-1)
+        cos, sin = cos_BTF.unsqueeze(-2), sin_BTF.unsqueeze(-2)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x_BTND.dtype)
     x = x_BTND.float().unflatten(-1, (-1, 2))
     x0, x1 = x[..., 0], x[..., 1]
     cos, sin = cos_BTF.unsqueeze(-2), sin_BTF.unsqueeze(-2)  # broadcast over heads

@@ -51,9 +51,10 @@ class Experts(nn.Module):
     """E SwiGLU experts stored stacked (transformers' fused layout): gate_up_proj [E, 2I, H] (gate rows first),
     down_proj [E, H, I]. Stacking lets the grouped forward slice one expert's weights without copies."""
 
-    def __init__(self, config: Ernie45Config):
+    def __init__(self, config: Ernie45Config, intermediate_size: int | None = None):
         super().__init__()
-        E, H, I = config.moe_num_experts, config.hidden_size, config.moe_intermediate_size
+        E, H = config.moe_num_experts, config.hidden_size
+        I = config.moe_intermediate_size if intermediate_size is None else intermediate_size
         self.num_experts = E
         self.intermediate_size = I
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
@@ -89,15 +90,16 @@ class Experts(nn.Module):
 
 
 class MoeBlock(nn.Module):
-    """shared(x) + sum_k w_k * expert_k(x), per token."""
+    """shared(x) + sum_k w_k * expert_k(x), per token. `intermediate_size` overrides the experts' width and
+    `shared=False` leaves the shared experts out (the per-modality halves of `ModalityMoeBlock`)."""
 
-    def __init__(self, config: Ernie45Config):
+    def __init__(self, config: Ernie45Config, intermediate_size: int | None = None, shared: bool = True):
         super().__init__()
         self.gate = Router(config)
         self.moe_statics = MoeStatics(config.moe_num_experts)
-        self.experts = Experts(config)
+        self.experts = Experts(config, intermediate_size)
         self.shared_experts = None
-        if config.moe_num_shared_experts > 0:
+        if shared and config.moe_num_shared_experts > 0:
             width = config.moe_intermediate_size * config.moe_num_shared_experts
             self.shared_experts = SwiGLU(config.hidden_size, width, bias=config.use_bias)
 
@@ -107,6 +109,40 @@ class MoeBlock(nn.Module):
         if router_logits is not None:
             router_logits.append(logits_NE)
         y_NH = self.experts(x_NH, idx_NK, w_NK)
+        if self.shared_experts is not None:
+            y_NH = y_NH + self.shared_experts(x_NH)
+        return y_NH.view_as(x_BTH)
+
+
+class ModalityMoeBlock(nn.Module):
+    """ERNIE 4.5 VL's modality-isolated MoE: text tokens go through the text gate, correction-bias row and experts,
+    vision tokens (image/video placeholders and their start/end tokens) through the vision ones; the shared experts
+    (width: the text expert width times their count) see every token."""
+
+    def __init__(self, config: Ernie45Config, vision_intermediate_size: int):
+        super().__init__()
+        self.text_moe = MoeBlock(config, shared=False)
+        self.vision_moe = MoeBlock(config, intermediate_size=vision_intermediate_size, shared=False)
+        self.shared_experts = None
+        if config.moe_num_shared_experts > 0:
+            width = config.moe_intermediate_size * config.moe_num_shared_experts
+            self.shared_experts = SwiGLU(config.hidden_size, width, bias=config.use_bias)
+
+    def forward(
+        self,
+        x_BTH: torch.Tensor,
+        token_types_BT: torch.Tensor | None = None,
+        router_logits: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """token_types [B, T]: 0 text, non-zero vision; None means all text (decode steps)."""
+        x_NH = x_BTH.reshape(-1, x_BTH.shape[-1])
+        vision_N = None if token_types_BT is None else token_types_BT.reshape(-1).to(x_NH.device) != 0
+        if vision_N is None or not bool(vision_N.any()):
+            y_NH = self.text_moe(x_NH, router_logits)
+        else:
+            y_NH = torch.empty_like(x_NH)
+            y_NH[~vision_N] = self.text_moe(x_NH[~vision_N], router_logits)
+            y_NH[vision_N] = self.vision_moe(x_NH[vision_N], router_logits)
         if self.shared_experts is not None:
             y_NH = y_NH + self.shared_experts(x_NH)
         return y_NH.view_as(x_BTH)
