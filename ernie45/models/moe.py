@@ -65,6 +65,15 @@ class Experts(nn.Module):
         gate_MI, up_MI = linear(x_MH, gate_up[e]).chunk(2, dim=-1)
         return linear(F.silu(gate_MI) * up_MI, down[e])
 
+    def unbound_weights(self) -> tuple | None:
+        """Per-expert weight views for training, or None (inference indexes the stacked weights directly).
+
+        One unbind, whose backward stacks the expert gradients once, instead of indexing per expert, whose backward
+        zero-fills a full [E, ...] gradient for every expert (E^2 memory traffic)."""
+        if not (self.gate_up_proj.requires_grad or self.down_proj.requires_grad):
+            return None
+        return self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
+
     def forward(self, x_NH: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
         N, K = idx_NK.shape
         flat_expert = idx_NK.reshape(-1)
@@ -73,11 +82,7 @@ class Experts(nn.Module):
         counts = torch.bincount(flat_expert, minlength=self.num_experts).tolist()
         w_sorted = w_NK.reshape(-1)[order, None]
         out_NH = torch.zeros_like(x_NH)
-        weights = None
-        if torch.is_grad_enabled() and (self.gate_up_proj.requires_grad or self.down_proj.requires_grad):
-            # Training: one unbind (whose backward stacks the expert gradients once) instead of indexing per expert,
-            # whose backward zero-fills a full [E, ...] gradient for every expert (E^2 memory traffic).
-            weights = (self.gate_up_proj.unbind(0), self.down_proj.unbind(0))
+        weights = self.unbound_weights() if torch.is_grad_enabled() else None
         start = 0
         for e, count in enumerate(counts):
             if count == 0:

@@ -118,7 +118,10 @@ class QuantizedExperts(Experts):
         self.gate_up_proj = gate_up_proj
         self.down_proj = down_proj
 
-    def expert_forward(self, e: int, x_MH: torch.Tensor) -> torch.Tensor:
+    def unbound_weights(self) -> None:
+        return None  # packed weights are not trained (QAT trains the dense model)
+
+    def expert_forward(self, e: int, x_MH: torch.Tensor, weights: tuple | None = None) -> torch.Tensor:
         gate_MI, up_MI = self.gate_up_proj.forward_expert(e, x_MH).chunk(2, dim=-1)
         return self.down_proj.forward_expert(e, F.silu(gate_MI) * up_MI)
 
