@@ -80,7 +80,7 @@ def stack(packed: list[PackedWeight]) -> PackedWeight:
     )  # fmt: skip
 
 
-def _quantize_units(model, config: QuantizationConfig, names: list[str], stats: dict) -> None:
+def _quantize_units(model, config: QuantizationConfig, names: list[str], stats: dict, method: str) -> None:
     units = quantizable_units(model)
     act_order = config.act_order
     packed: dict[str, tuple[PackedWeight, QuantSpec]] = {}
@@ -92,7 +92,7 @@ def _quantize_units(model, config: QuantizationConfig, names: list[str], stats: 
             hessians = expert_stats.hessians(unit.attr) if expert_stats else [None] * weight.shape[0]
             packed[name] = (
                 stack([
-                    quantize_weight(weight[e], spec, config.method, hessians[e], act_order, f"{name}[{e}]")
+                    quantize_weight(weight[e], spec, method, hessians[e], act_order, f"{name}[{e}]")
                     for e in range(weight.shape[0])
                 ]),
                 spec,
@@ -100,7 +100,7 @@ def _quantize_units(model, config: QuantizationConfig, names: list[str], stats: 
         else:
             linear_stats: InputStats | None = stats.get(name)
             hessian = linear_stats.hessian() if linear_stats and linear_stats.count else None
-            packed[name] = (quantize_weight(weight, spec, config.method, hessian, act_order, name), spec)
+            packed[name] = (quantize_weight(weight, spec, method, hessian, act_order, name), spec)
     swap_in(model, packed)
 
 
@@ -128,7 +128,7 @@ def quantize_model(model: nn.Module, config: QuantizationConfig, samples: list[t
             for s in stats.values():
                 if isinstance(s, ExpertStats):
                     logger.info("layer %d routed calibration tokens per expert: %s", i, s.routed_counts())
-            _quantize_units(model, config, list(local.values()), stats)
+            _quantize_units(model, config, list(local.values()), stats, config.method)
             remaining = [n for n in remaining if n not in local.values()]
             hidden = [layer(h, r, CausalAttention()) for h, r in zip(hidden, rope)]
         if "lm_head" in remaining:
@@ -137,18 +137,14 @@ def quantize_model(model: nn.Module, config: QuantizationConfig, samples: list[t
                 model.compute_logits(h)
             for handle in handles:
                 handle.remove()
-            _quantize_units(model, config, ["lm_head"], stats)
+            _quantize_units(model, config, ["lm_head"], stats, config.method)
             remaining.remove("lm_head")
     # Units outside the decoder stack (MTP) or everything when uncalibrated: from the weights alone.
     fallback = config.method if config.method not in CALIBRATED_METHODS else "rtn"
     if remaining:
         if samples:
             logger.info("quantizing %d module(s) outside the decoder stack with %s", len(remaining), fallback)
-        method, config.method = config.method, fallback
-        try:
-            _quantize_units(model, config, remaining, {})
-        finally:
-            config.method = method
+        _quantize_units(model, config, remaining, {}, fallback)
     model.config.extra["quantization_config"] = config.to_dict()
     return model
 
