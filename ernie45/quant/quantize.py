@@ -1,7 +1,7 @@
 """Offline quantization of a model: choose every unit's format, compute its codes with the chosen method, and
 swap the packed modules in. `quantize_model` works on a built model; `quantize` goes checkpoint -> checkpoint.
 
-Calibrated methods (gptq, gptq-hqq, and hqq when data is given) run layer by layer, as GPTQ does: the calibration
+Calibrated methods (gptq, gptq-hqq, gptq-refit, and hqq when data is given) run layer by layer, as GPTQ does: the calibration
 hidden states enter decoder layer l, its units' input statistics are recorded, its units are quantized and
 swapped in, and the QUANTIZED layer's outputs feed layer l+1, so each layer is fitted to the errors of the ones
 below it. Memory stays at one layer's statistics.
@@ -18,7 +18,7 @@ from torch import nn
 from ..models.attention import CausalAttention
 from .calibration import ExpertStats, InputStats, calibration_samples, read_calibration_texts, record_inputs
 from .config import QuantizationConfig, default_spec, mixed_2bit_overrides
-from .gptq import gptq_quantize
+from .gptq import gptq_quantize, refit_group_params
 from .hqq import hqq_group_params, hqq_quantize
 from .modules import quantizable_units, resolve_modules, swap_in
 from .packing import PackedWeight
@@ -27,7 +27,7 @@ from .spec import QuantSpec
 
 logger = logging.getLogger(__name__)
 
-CALIBRATED_METHODS = ("gptq", "gptq-hqq")
+CALIBRATED_METHODS = ("gptq", "gptq-hqq", "gptq-refit")
 DEFAULT_NUM_CALIB_SAMPLES = 128
 DEFAULT_CALIB_SEQ_LEN = 512
 
@@ -66,7 +66,10 @@ def quantize_weight(
     if hessian is None:
         raise ValueError(f"method {method} needs calibration data (pass --calib FILE)")
     choose = hqq_group_params if method == "gptq-hqq" else None
-    return gptq_quantize(w, hessian, spec, act_order=act_order, name=name, choose_group_params=choose)
+    packed = gptq_quantize(w, hessian, spec, act_order=act_order, name=name, choose_group_params=choose)
+    if method == "gptq-refit":
+        packed = refit_group_params(w, hessian, packed, spec)
+    return packed
 
 
 def stack(packed: list[PackedWeight]) -> PackedWeight:

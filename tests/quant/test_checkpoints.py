@@ -17,6 +17,7 @@ CASES = {
     "int4-rtn-g16": {"bits": 4, "group_size": 16},
     "int4-gptq": {"bits": 4, "group_size": 16, "method": "gptq", "calib": True},
     "2bit-hqq": {"bits": 2, "group_size": 16, "method": "hqq"},
+    "2bit-gptq-refit": {"bits": 2, "group_size": 16, "method": "gptq-refit", "calib": True},
     "mixed-2bit-gptq-hqq": {"bits": 2, "group_size": 16, "method": "gptq-hqq", "recipe": "mixed-2bit", "calib": True},
 }
 
