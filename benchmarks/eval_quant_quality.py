@@ -1,8 +1,8 @@
 """Held-out perplexity of a checkpoint and of its weight-only quantized versions (quality does not depend on
 machine load, so these figures may be taken anywhere).
 
-Variants: int8 RTN; int4 RTN vs GPTQ; 2-bit RTN vs GPTQ vs HQQ (data-free) vs GPTQ+HQQ (our 2-bit method); the
-mixed-2bit recipe; and, with --qat-steps, 2-bit QAT (fake-quant STE fine-tuning on the calibration text) vs PTQ.
+Variants: int8 RTN; int4 RTN vs GPTQ (vs GPTQ + grid refit); 2-bit RTN vs GPTQ vs HQQ (diag-weighted with the
+calibration data) vs GPTQ over HQQ grids vs GPTQ + least-squares grid refit (our 2-bit method); the mixed-2bit recipe; and, with --qat-steps, 2-bit QAT (fake-quant STE fine-tuning on the calibration text) vs PTQ.
 Prints a table (ppl, delta vs the full-precision model, bytes on disk of the quantized checkpoint) and one JSON line.
 
     python benchmarks/eval_quant_quality.py --model DIR --text heldout.txt --calib train.txt
@@ -33,7 +33,9 @@ VARIANTS = {
     "2bit-gptq": dict(bits=2, method="gptq"),
     "2bit-hqq": dict(bits=2, method="hqq"),
     "2bit-gptq-hqq": dict(bits=2, method="gptq-hqq"),
-    "mixed-2bit-gptq-hqq": dict(bits=2, method="gptq-hqq", recipe="mixed-2bit"),
+    "2bit-gptq-refit": dict(bits=2, method="gptq-refit"),
+    "int4-gptq-refit": dict(bits=4, method="gptq-refit"),
+    "mixed-2bit-gptq-refit": dict(bits=2, method="gptq-refit", recipe="mixed-2bit"),
 }
 
 
@@ -56,10 +58,13 @@ def disk_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.glob("*.safetensors"))
 
 
-def qat_variant(model_dir: Path, calib_text: str, tokenizer, steps: int, seq_len: int, group_size: int | None):
-    """2-bit QAT on every quantizable linear but lm_head: fake-quant STE fine-tuning on the calibration text."""
+def finetuned(model_dir: Path, calib_text: str, tokenizer, steps: int, seq_len: int, group_size: int | None, qat: bool):
+    """Fine-tune on the calibration text for `steps`: with 2-bit QAT on every quantizable linear but lm_head
+    (fake-quant STE, then exported packed), or without (the full-precision baseline QAT must be compared with,
+    since the fine-tuning itself also moves the perplexity)."""
     model = ernie45.load_model(model_dir)
-    prepare_qat(model, bits=2, group_size=group_size)
+    if qat:
+        prepare_qat(model, bits=2, group_size=group_size)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.0)
@@ -76,7 +81,7 @@ def qat_variant(model_dir: Path, calib_text: str, tokenizer, steps: int, seq_len
             group["lr"] = 5e-4 * 0.5 * (1 + math.cos(math.pi * step / steps))
         opt.step()
     model.eval()
-    return convert_qat(model)
+    return convert_qat(model) if qat else model
 
 
 def main() -> None:
@@ -110,7 +115,7 @@ def main() -> None:
             gs = {4: args.group_size_4bit, 2: args.group_size_2bit}.get(kwargs["bits"])
             if gs is not None:
                 kwargs["group_size"] = gs
-            if kwargs["method"] in ("gptq", "gptq-hqq", "hqq"):
+            if kwargs["method"] in ("gptq", "gptq-hqq", "gptq-refit", "hqq"):
                 kwargs.update(calib=args.calib, num_calib_samples=args.num_calib_samples, calib_seq_len=args.seq_len)
             start = time.perf_counter()
             model = quantize(model_dir, scratch / name, **kwargs)
@@ -122,12 +127,18 @@ def main() -> None:
             shutil.rmtree(scratch / name)
         if args.qat_steps:
             calib_text = Path(args.calib).read_text(encoding="utf-8")
-            model = qat_variant(model_dir, calib_text, tokenizer, args.qat_steps, args.seq_len, args.group_size_2bit)
-            ppl = perplexity(model, windows)
-            ernie45.save_model(model, scratch / "qat")
-            rows.append({"variant": f"2bit-qat-{args.qat_steps}steps", "ppl": ppl,
-                         "delta_pct": 100 * (ppl / base_ppl - 1), "disk_bytes": disk_bytes(scratch / "qat")})
-            print(f"2bit-qat: ppl {ppl:.3f} ({rows[-1]['delta_pct']:+.2f}%)", flush=True)
+            tuned_ppl = None
+            for qat in (False, True):
+                model = finetuned(model_dir, calib_text, tokenizer, args.qat_steps, args.seq_len, args.group_size_2bit, qat)
+                ppl = perplexity(model, windows)
+                name = f"{'2bit-qat' if qat else 'fp-finetuned'}-{args.qat_steps}steps"
+                ernie45.save_model(model, scratch / name)
+                rows.append({"variant": name, "ppl": ppl, "delta_pct": 100 * (ppl / base_ppl - 1),
+                             "disk_bytes": disk_bytes(scratch / name)})
+                if qat:
+                    rows[-1]["delta_vs_finetuned_pct"] = 100 * (ppl / tuned_ppl - 1)
+                tuned_ppl = ppl
+                print(f"{name}: ppl {ppl:.3f} ({rows[-1]['delta_pct']:+.2f}% vs the untuned model)", flush=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

@@ -18,7 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bits", type=int, required=True, help="8, 4 or 2 (the default for modules no recipe names)")
     p.add_argument("--method", default="rtn", choices=METHODS,
                    help="rtn: round to nearest; gptq: Hessian-corrected (needs --calib); hqq: optimised grids "
-                        "(data-free, uses --calib if given); gptq-hqq: GPTQ with HQQ grids, the 2-bit method")
+                        "(data-free, uses --calib if given); gptq-hqq: GPTQ over HQQ grids; gptq-refit: GPTQ, then "
+                        "each row's group scales/zeros re-solved by least squares on the layer outputs (the 2-bit method)")
     p.add_argument("--group-size", type=int, default=None,
                    help="weights per scale along the input dim, -1 per channel (default: 8-bit -1, 4-bit 128, 2-bit 64)")
     p.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=None,

@@ -9,8 +9,9 @@
  *   consecutive weights: byte j's bits [s*bits, (s+1)*bits) hold weight (s * 16 + j) of the block. So one 16-byte
  *   load gives 16 consecutive weights per shift, with no cross-lane shuffle (llama.cpp's Q4_0 idea, generalised).
  *   Rows are padded to whole blocks (row_bytes); weights past K are never read.
- * - per group of `group_size` weights along K: a scale s and a zero point z, fp16; w = (q - z) * s. Symmetric
- *   formats pass zeros = NULL and a constant zero point (2^(bits-1)).
+ * - per group of `group_size` weights along K: a scale s (fp16) and a zero point z; w = (q - z) * s. z is stored
+ *   as uint8 in steps of 2^bits / 256 (integral zero points exactly, fitted fractional ones to 1/64 at 2 bits);
+ *   symmetric formats pass zeros = NULL and a constant zero point (2^(bits-1)).
  * So dot(w, x) = sum_g s_g * (dot(q_g, x_g) - z_g * sum(x_g)): the codes are widened to fp32 and multiplied by x
  * once per group, the scale and zero applied once per group.
  *
@@ -178,10 +179,14 @@ INLINE f32x16 codes16(const uint8_t *row, int64_t v, int BITS) {
 #endif
 }
 
+INLINE float zero_point(const uint8_t *zeros, int64_t at, float zero_const, int BITS) {
+    return zeros ? (float)zeros[at] * ((float)(1 << BITS) / 256.0f) : zero_const;
+}
+
 /* M <= 2: for TILE_R weight rows and MT rows of x, accumulate dot(q_g, x_g) per group in vectors, fold each
  * group into a running vector total scaled by the group's scale (one broadcast FMA), and subtract the zero-point
  * term s * z * sum(x_g) as a scalar; one horizontal sum per row at the end. xsum[m][g] = sum(x_g) precomputed. */
-INLINE void rows_direct(const uint8_t *qw, int64_t row_bytes, const uint16_t *scales, const uint16_t *zeros,
+INLINE void rows_direct(const uint8_t *qw, int64_t row_bytes, const uint16_t *scales, const uint8_t *zeros,
                         float zero_const, int64_t n0, int R, const float *x, const float *xsum, int MT, int64_t K,
                         int64_t G, int BITS, float out[TILE_R][2]) {
     const int64_t groups = K / G, vecs_per_group = G / 16;
@@ -218,7 +223,7 @@ INLINE void rows_direct(const uint8_t *qw, int64_t row_bytes, const uint16_t *sc
         for (int r = 0; r < R; ++r) {
             const int64_t at = (n0 + r) * groups + g;
             const float s = f16_to_f32(scales[at]);
-            const float sz = s * (zeros ? f16_to_f32(zeros[at]) : zero_const);
+            const float sz = s * zero_point(zeros, at, zero_const, BITS);
 #pragma GCC unroll 2
             for (int m = 0; m < MT; ++m) {
                 total[r][m] += s * acc[r][m];
@@ -231,7 +236,7 @@ INLINE void rows_direct(const uint8_t *qw, int64_t row_bytes, const uint16_t *sc
 }
 
 /* Dequantize weights [k0, k0 + kc) of rows [n0, n0 + R) into wbuf [R][kc] fp32. */
-INLINE void dequantize_chunk(const uint8_t *qw, int64_t row_bytes, const uint16_t *scales, const uint16_t *zeros,
+INLINE void dequantize_chunk(const uint8_t *qw, int64_t row_bytes, const uint16_t *scales, const uint8_t *zeros,
                              float zero_const, int64_t n0, int R, int64_t K, int64_t G, int64_t k0, int64_t kc,
                              int BITS, float *wbuf) {
     const int64_t groups = K / G;
@@ -239,13 +244,13 @@ INLINE void dequantize_chunk(const uint8_t *qw, int64_t row_bytes, const uint16_
         const uint8_t *row = qw + (n0 + r) * row_bytes;
         int64_t g = k0 / G, group_end = (g + 1) * G;
         float s = f16_to_f32(scales[(n0 + r) * groups + g]);
-        float offset = -(zeros ? f16_to_f32(zeros[(n0 + r) * groups + g]) : zero_const) * s;
+        float offset = -zero_point(zeros, (n0 + r) * groups + g, zero_const, BITS) * s;
         for (int64_t k = k0; k < k0 + kc; k += 16) {
             if (k == group_end) {
                 ++g;
                 group_end += G;
                 s = f16_to_f32(scales[(n0 + r) * groups + g]);
-                offset = -(zeros ? f16_to_f32(zeros[(n0 + r) * groups + g]) : zero_const) * s;
+                offset = -zero_point(zeros, (n0 + r) * groups + g, zero_const, BITS) * s;
             }
             *(f32x16_u *)(wbuf + r * kc + (k - k0)) = codes16(row, k / 16, BITS) * s + offset;
         }
@@ -290,7 +295,7 @@ static void store_row_outputs(void *y, int y_dtype, const void *bias, int bias_d
 /* One instantiation per bit width, so codes16's shifts and masks are constants. */
 #define DEFINE_QGEMV(BITS)                                                                                        \
     static void qgemv_##BITS(const float *x, const float *xsum, const uint8_t *qw, int64_t row_bytes,            \
-                             const uint16_t *scales, const uint16_t *zeros, float zero_const, const void *bias,   \
+                             const uint16_t *scales, const uint8_t *zeros, float zero_const, const void *bias,   \
                              int bias_dtype, void *y, int y_dtype, int64_t M, int64_t N, int64_t K, int64_t G,    \
                              int threads, float *wbufs) {                                                         \
         const int64_t tiles = (N + TILE_R - 1) / TILE_R;                                                          \
@@ -351,11 +356,11 @@ DEFINE_QGEMV(8)
 DEFINE_QGEMV(4)
 DEFINE_QGEMV(2)
 
-/* Returns QGEMV_OK or an error code. x, bias and y: fp32/bf16/fp16 by their dtype codes; scales and zeros fp16;
+/* Returns QGEMV_OK or an error code. x, bias and y: fp32/bf16/fp16 by their dtype codes; scales fp16, zeros uint8;
  * zeros NULL means every group's zero point is zero_const. K and group_size must be multiples of 16, group_size
  * must divide K, and row_bytes must cover K rounded up to whole 16-byte blocks. */
 int ernie45_qgemv(const void *x, int x_dtype, const uint8_t *qweight, int bits, int64_t row_bytes,
-                  const uint16_t *scales, const uint16_t *zeros, float zero_const, int64_t group_size,
+                  const uint16_t *scales, const uint8_t *zeros, float zero_const, int64_t group_size,
                   const void *bias, int bias_dtype, void *y, int y_dtype, int64_t M, int64_t N, int64_t K,
                   int threads) {
     if (x_dtype < 0 || x_dtype > 2 || y_dtype < 0 || y_dtype > 2 || (bias && (bias_dtype < 0 || bias_dtype > 2)))

@@ -73,7 +73,8 @@ def qgemv(
     group_size: int,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x [..., K] @ dequant(qweight [N, row_bytes], scales/zeros fp16 [N, K/group_size])^T + bias, in x's dtype.
+    """x [..., K] @ dequant(qweight [N, row_bytes], scales fp16 / zeros uint8 [N, K/group_size])^T + bias, in
+    x's dtype.
 
     Symmetric weights pass zeros=None (zero point 2^(bits-1)). Raises RuntimeError if the kernel is unavailable or
     rejects the shapes. The result carries no autograd history.
@@ -86,8 +87,8 @@ def qgemv(
     for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros), ("bias", bias)):
         if t is not None and not t.is_contiguous():
             raise ValueError(f"qgemv: {name} must be contiguous")
-    if scales.dtype != torch.float16 or (zeros is not None and zeros.dtype != torch.float16):
-        raise ValueError(f"qgemv: scales and zeros must be fp16, got {scales.dtype}")
+    if scales.dtype != torch.float16 or (zeros is not None and zeros.dtype != torch.uint8):
+        raise ValueError(f"qgemv: scales must be fp16 and zeros uint8, got {scales.dtype} and {getattr(zeros, 'dtype', None)}")
     x = x.contiguous()
     y = torch.empty((*x.shape[:-1], N), dtype=x.dtype)
     code = _DTYPE_CODES[x.dtype]

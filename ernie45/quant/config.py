@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from .spec import PER_CHANNEL, QuantSpec
 
-METHODS = ("rtn", "gptq", "hqq", "gptq-hqq")
+METHODS = ("rtn", "gptq", "hqq", "gptq-hqq", "gptq-refit")
 RECIPES = ("mixed-2bit",)
 QUANT_METHOD_NAME = "ernie45-weight-only"
 """`quant_method` written to config.json: names whose reader understands this layout."""
@@ -38,7 +38,7 @@ class QuantizationConfig:
     """How a model is (to be) quantized."""
 
     method: str = "rtn"
-    """rtn | gptq | hqq | gptq-hqq: how codes and group parameters were chosen (the runtime format is the same)."""
+    """rtn | gptq | hqq | gptq-hqq | gptq-refit: how codes and group parameters were chosen (the runtime format is the same)."""
     default: QuantSpec = field(default_factory=lambda: default_spec(4))
     """Format of every quantizable module no override matches."""
     overrides: dict[str, QuantSpec | None] = field(default_factory=dict)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from .packing import PackedWeight, symmetric_zero
+from .packing import PackedWeight, decode_zeros, round_zeros, symmetric_zero, unpack_codes, zero_step
 from .rtn import codes_for, group_params, pack
 from .spec import QuantSpec
 
@@ -99,3 +99,47 @@ def gptq_quantize(
     if act_order:
         scale, zero = static_scale, static_zero
     return pack(codes[:, inv_perm], scale, zero, spec, S)
+
+
+def refit_group_params(w_NK: torch.Tensor, H_KK: torch.Tensor, packed: PackedWeight, spec: QuantSpec) -> PackedWeight:
+    """Keep GPTQ's codes, re-solve every row's group scales s_g and offsets b_g = -s_g z_g for the layer-output
+    objective (w - w_hat) H (w - w_hat)^T with w_hat_k = s_g q_k + b_g: linear least squares in 2G unknowns per
+    row, solved exactly (batched 2G x 2G systems). GPTQ's own grid is one feasible point, so the objective can only
+    drop (up to the storage rounding of s and z); rows where the solution is unusable (s <= 0, z off the storable
+    range) or not better after rounding keep GPTQ's grid. Asymmetric formats only.
+    """
+    if spec.symmetric:
+        return packed
+    N, K = w_NK.shape
+    S = packed.group_size
+    G = K // S
+    W = w_NK.detach().double()
+    H = H_KK.double()
+    q = unpack_codes(packed.qweight, spec.bits, K).double().view(N, G, S)
+    H4 = H.view(G, S, G, S)
+    # Normal equations M theta = r, theta = (s_1..s_G, b_1..b_G); blocks of A^T H A with A = [q per group | 1 per group].
+    Hq = torch.einsum("gsht,nht->ngsh", H4, q)  # (H q)_k restricted by target group h: [N, G(row k), S, G(h)]
+    M_ss = torch.einsum("ngs,ngsh->ngh", q, Hq)
+    M_sb = torch.einsum("ngsh->ngh", Hq).transpose(1, 2)  # sum_k in g 1 * (H q_h)_k -> [N, g(b), h(s)]^T
+    M_bb = H4.sum(dim=(1, 3)).expand(N, G, G)
+    M = torch.cat([torch.cat([M_ss, M_sb], dim=2), torch.cat([M_sb.transpose(1, 2), M_bb], dim=2)], dim=1)
+    HW = (W @ H).view(N, G, S)
+    r = torch.cat([(q * HW).sum(-1), HW.sum(-1)], dim=1)
+    ridge = 1e-8 * M.diagonal(dim1=1, dim2=2).mean(-1).clamp(min=1e-12)
+    theta = torch.linalg.solve(M + ridge[:, None, None] * torch.eye(2 * G, dtype=M.dtype), r)
+    s_new, b_new = theta[:, :G], theta[:, G:]
+    z_new = -b_new / s_new.where(s_new.abs() > 1e-12, torch.ones_like(s_new))
+    s_new = s_new.float().half().float()
+    z_new = round_zeros(z_new.float(), spec.bits)
+    usable = (s_new > 0).all(-1) & (z_new >= 0).all(-1) & (z_new <= 255 * zero_step(spec.bits)).all(-1)
+
+    def objective(scale, zero):
+        w_hat = ((q - zero.double()[..., None]) * scale.double()[..., None]).view(N, K)
+        d = W - w_hat
+        return ((d @ H) * d).sum(-1)
+
+    old_s, old_z = packed.scales.float(), decode_zeros(packed.zeros, spec.bits)
+    better = usable & (objective(s_new, z_new) < objective(old_s, old_z))
+    scale = torch.where(better[:, None], s_new, old_s)
+    zero = torch.where(better[:, None], z_new, old_z)
+    return pack(q.view(N, K), scale, zero, spec, S)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .packing import PackedWeight
+from .packing import PackedWeight, round_zeros
 from .rtn import codes_for, group_params, pack
 from .spec import QuantSpec
 
@@ -68,7 +68,7 @@ def hqq_group_params(
     for _ in range(iters):
         q = codes_for(W, scale, zero, spec)
         W_e = _shrink_lp(W - _dequant(q, scale, zero), beta, p)
-        zero = ((cw * (q - (W - W_e) / scale[..., None])).sum(-1) / cw.sum(-1)).half().float()
+        zero = round_zeros((cw * (q - (W - W_e) / scale[..., None])).sum(-1) / cw.sum(-1), spec.bits)
         beta *= kappa
         err = (cw * (W - _dequant(codes_for(W, scale, zero, spec), scale, zero)).pow(2)).sum(-1)
         better = err < best_err

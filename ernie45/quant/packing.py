@@ -1,7 +1,9 @@
-"""The packed weight format: integer codes along K packed into bytes, fp16 scales and zero points per group.
+"""The packed weight format: integer codes along K packed into bytes, a scale and a zero point per group.
 
-w[n, k] = (q[n, k] - z[n, g]) * s[n, g] with g = k // group_size and q in [0, 2^bits). Symmetric formats have no
-stored zero point (z = 2^(bits-1) for every group). Codes are packed per row in blocks of 16 bytes; a block holds
+w[n, k] = (q[n, k] - z[n, g]) * s[n, g] with g = k // group_size and q in [0, 2^bits). s is fp16; z is stored as
+uint8 in steps of 2^bits / 256 (integral zero points exactly; fitted fractional ones, as HQQ's, to 1/64 of a
+step at 2 bits), a quarter of an fp16 pair's overhead at 2-bit group 64. Symmetric formats have no stored zero
+point (z = 2^(bits-1) for every group). Codes are packed per row in blocks of 16 bytes; a block holds
 16 * 8/bits consecutive weights, byte j's bit field s holding weight s*16 + j of the block, so the CPU kernel
 (kernels/qgemv.c) gets 16 consecutive weights from one load and one shift. Rows are padded to whole blocks.
 
@@ -67,7 +69,7 @@ class PackedWeight:
     scales: torch.Tensor
     """fp16 [..., N, G]."""
     zeros: torch.Tensor | None
-    """fp16 [..., N, G] zero points in code units (may be fractional), or None for symmetric (z = 2^(bits-1))."""
+    """uint8 [..., N, G] encoded zero points (`decode_zeros`), or None for symmetric (z = 2^(bits-1))."""
     bits: int
     group_size: int
     """Weights per group along K (== in_features for per-channel)."""
@@ -84,6 +86,25 @@ def symmetric_zero(bits: int) -> float:
     return float(1 << (bits - 1))
 
 
+def zero_step(bits: int) -> float:
+    """Resolution of stored zero points: 256 steps over the code range [0, 2^bits)."""
+    return (1 << bits) / 256.0
+
+
+def encode_zeros(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """Zero points (code units, in [0, 2^bits - 1]) -> uint8."""
+    return (z.float() / zero_step(bits)).round().clamp(0, 255).to(torch.uint8)
+
+
+def decode_zeros(z_u8: torch.Tensor, bits: int) -> torch.Tensor:
+    return z_u8.float() * zero_step(bits)
+
+
+def round_zeros(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """Zero points rounded to what `encode_zeros` stores (for methods that fit fractional ones)."""
+    return decode_zeros(encode_zeros(z, bits), bits)
+
+
 def dequantize(
     qweight: torch.Tensor,
     scales: torch.Tensor,
@@ -97,6 +118,6 @@ def dequantize(
     q = unpack_codes(qweight, bits, in_features).float()
     *lead, N, K = q.shape
     q_NGS = q.view(*lead, N, K // group_size, group_size)
-    z = symmetric_zero(bits) if zeros is None else zeros.float()[..., None]
+    z = symmetric_zero(bits) if zeros is None else decode_zeros(zeros, bits)[..., None]
     w = (q_NGS - z) * scales.float()[..., None]
     return w.view(*lead, N, K).to(dtype)

@@ -1,7 +1,7 @@
 """Offline quantization of a model: choose every unit's format, compute its codes with the chosen method, and
 swap the packed modules in. `quantize_model` works on a built model; `quantize` goes checkpoint -> checkpoint.
 
-Calibrated methods (gptq, gptq-hqq, and hqq when data is given) run layer by layer, as GPTQ does: the calibration
+Calibrated methods (gptq, gptq-hqq, gptq-refit, and hqq when data is given) run layer by layer, as GPTQ does: the calibration
 hidden states enter decoder layer l, its units' input statistics are recorded, its units are quantized and
 swapped in, and the QUANTIZED layer's outputs feed layer l+1, so each layer is fitted to the errors of the ones
 below it. Memory stays at one layer's statistics.
@@ -18,7 +18,7 @@ from torch import nn
 from ..models.attention import CausalAttention
 from .calibration import ExpertStats, InputStats, calibration_samples, read_calibration_texts, record_inputs
 from .config import QuantizationConfig, default_spec, mixed_2bit_overrides
-from .gptq import gptq_quantize
+from .gptq import gptq_quantize, refit_group_params
 from .hqq import hqq_group_params, hqq_quantize
 from .modules import quantizable_units, resolve_modules, swap_in
 from .packing import PackedWeight
@@ -27,7 +27,7 @@ from .spec import QuantSpec
 
 logger = logging.getLogger(__name__)
 
-CALIBRATED_METHODS = ("gptq", "gptq-hqq")
+CALIBRATED_METHODS = ("gptq", "gptq-hqq", "gptq-refit")
 DEFAULT_NUM_CALIB_SAMPLES = 128
 DEFAULT_CALIB_SEQ_LEN = 512
 
@@ -66,7 +66,10 @@ def quantize_weight(
     if hessian is None:
         raise ValueError(f"method {method} needs calibration data (pass --calib FILE)")
     choose = hqq_group_params if method == "gptq-hqq" else None
-    return gptq_quantize(w, hessian, spec, act_order=act_order, name=name, choose_group_params=choose)
+    packed = gptq_quantize(w, hessian, spec, act_order=act_order, name=name, choose_group_params=choose)
+    if method == "gptq-refit":
+        packed = refit_group_params(w, hessian, packed, spec)
+    return packed
 
 
 def stack(packed: list[PackedWeight]) -> PackedWeight:
@@ -80,7 +83,7 @@ def stack(packed: list[PackedWeight]) -> PackedWeight:
     )  # fmt: skip
 
 
-def _quantize_units(model, config: QuantizationConfig, names: list[str], stats: dict) -> None:
+def _quantize_units(model, config: QuantizationConfig, names: list[str], stats: dict, method: str) -> None:
     units = quantizable_units(model)
     act_order = config.act_order
     packed: dict[str, tuple[PackedWeight, QuantSpec]] = {}
@@ -92,7 +95,7 @@ def _quantize_units(model, config: QuantizationConfig, names: list[str], stats: 
             hessians = expert_stats.hessians(unit.attr) if expert_stats else [None] * weight.shape[0]
             packed[name] = (
                 stack([
-                    quantize_weight(weight[e], spec, config.method, hessians[e], act_order, f"{name}[{e}]")
+                    quantize_weight(weight[e], spec, method, hessians[e], act_order, f"{name}[{e}]")
                     for e in range(weight.shape[0])
                 ]),
                 spec,
@@ -100,7 +103,7 @@ def _quantize_units(model, config: QuantizationConfig, names: list[str], stats: 
         else:
             linear_stats: InputStats | None = stats.get(name)
             hessian = linear_stats.hessian() if linear_stats and linear_stats.count else None
-            packed[name] = (quantize_weight(weight, spec, config.method, hessian, act_order, name), spec)
+            packed[name] = (quantize_weight(weight, spec, method, hessian, act_order, name), spec)
     swap_in(model, packed)
 
 
@@ -128,7 +131,7 @@ def quantize_model(model: nn.Module, config: QuantizationConfig, samples: list[t
             for s in stats.values():
                 if isinstance(s, ExpertStats):
                     logger.info("layer %d routed calibration tokens per expert: %s", i, s.routed_counts())
-            _quantize_units(model, config, list(local.values()), stats)
+            _quantize_units(model, config, list(local.values()), stats, config.method)
             remaining = [n for n in remaining if n not in local.values()]
             hidden = [layer(h, r, CausalAttention()) for h, r in zip(hidden, rope)]
         if "lm_head" in remaining:
@@ -137,18 +140,14 @@ def quantize_model(model: nn.Module, config: QuantizationConfig, samples: list[t
                 model.compute_logits(h)
             for handle in handles:
                 handle.remove()
-            _quantize_units(model, config, ["lm_head"], stats)
+            _quantize_units(model, config, ["lm_head"], stats, config.method)
             remaining.remove("lm_head")
     # Units outside the decoder stack (MTP) or everything when uncalibrated: from the weights alone.
     fallback = config.method if config.method not in CALIBRATED_METHODS else "rtn"
     if remaining:
         if samples:
             logger.info("quantizing %d module(s) outside the decoder stack with %s", len(remaining), fallback)
-        method, config.method = config.method, fallback
-        try:
-            _quantize_units(model, config, remaining, {})
-        finally:
-            config.method = method
+        _quantize_units(model, config, remaining, {}, fallback)
     model.config.extra["quantization_config"] = config.to_dict()
     return model
 

@@ -34,7 +34,7 @@ def _frozen(t: torch.Tensor) -> nn.Parameter:
 
 class QuantizedLinear(nn.Module):
     """A linear layer whose weight is stored packed: qweight uint8 [(E,) N, row_bytes], scales fp16 [(E,) N, G],
-    qzeros fp16 [(E,) N, G] (asymmetric formats only), optional bias. With a leading E dim it holds stacked expert
+    qzeros uint8 [(E,) N, G] (asymmetric formats only), optional bias. With a leading E dim it holds stacked expert
     weights, used through `forward_expert`."""
 
     def __init__(
@@ -57,7 +57,7 @@ class QuantizedLinear(nn.Module):
         groups = in_features // self.group_size
         self.qweight = _frozen(torch.zeros(*lead, out_features, row_bytes(in_features, spec.bits), dtype=torch.uint8, device=device))
         self.scales = _frozen(torch.ones(*lead, out_features, groups, dtype=torch.float16, device=device))
-        self.qzeros = None if spec.symmetric else _frozen(torch.zeros(*lead, out_features, groups, dtype=torch.float16, device=device))
+        self.qzeros = None if spec.symmetric else _frozen(torch.zeros(*lead, out_features, groups, dtype=torch.uint8, device=device))
         self.bias = _frozen(torch.zeros(out_features, dtype=bias_dtype, device=device)) if bias else None
 
     @classmethod

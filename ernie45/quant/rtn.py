@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .packing import PackedWeight, pack_codes, symmetric_zero
+from .packing import PackedWeight, encode_zeros, pack_codes, symmetric_zero
 from .spec import QuantSpec
 
 _MIN_SCALE = 1e-6
@@ -49,11 +49,12 @@ def fake_quantize(w: torch.Tensor, spec: QuantSpec, group_size: int) -> torch.Te
 def pack(
     codes_NK: torch.Tensor, scale_NG: torch.Tensor, zero_NG: torch.Tensor | None, spec: QuantSpec, group_size: int
 ) -> PackedWeight:
-    """Codes and group parameters -> the stored format (fp16 scales and zeros)."""
+    """Codes and group parameters -> the stored format (fp16 scales, uint8 zero points: `zero_NG` must already be
+    on the stored grid, as integral or `round_zeros`-ed zeros are)."""
     return PackedWeight(
         qweight=pack_codes(codes_NK.to(torch.uint8), spec.bits),
         scales=scale_NG.half().contiguous(),
-        zeros=None if zero_NG is None else zero_NG.half().contiguous(),
+        zeros=None if zero_NG is None else encode_zeros(zero_NG, spec.bits).contiguous(),
         bits=spec.bits,
         group_size=group_size,
         in_features=codes_NK.shape[-1],
@@ -66,6 +67,6 @@ def rtn_quantize(w: torch.Tensor, spec: QuantSpec, name: str = "weight") -> Pack
     G = spec.group_size_for(K, name)
     w_NGS = w.detach().float().reshape(*lead, K // G, G)
     scale, zero = group_params(w_NGS, spec)
-    # Zero points are integral here, so fp16 storage is exact; scales were rounded to fp16 before the codes.
+    # Zero points are integral here, so their uint8 storage is exact; scales were rounded to fp16 before the codes.
     codes = codes_for(w_NGS, scale, zero, spec).reshape(*lead, K)
     return pack(codes, scale, zero, spec, G)

@@ -17,6 +17,7 @@ CASES = {
     "int4-rtn-g16": {"bits": 4, "group_size": 16},
     "int4-gptq": {"bits": 4, "group_size": 16, "method": "gptq", "calib": True},
     "2bit-hqq": {"bits": 2, "group_size": 16, "method": "hqq"},
+    "2bit-gptq-refit": {"bits": 2, "group_size": 16, "method": "gptq-refit", "calib": True},
     "mixed-2bit-gptq-hqq": {"bits": 2, "group_size": 16, "method": "gptq-hqq", "recipe": "mixed-2bit", "calib": True},
 }
 
@@ -104,3 +105,15 @@ def test_llm_api_loads_quantized_checkpoint(quantized):
     llm = ernie45.LLM(str(path))
     out = llm.generate(["hello"], ernie45.SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     assert len(out[0].outputs[0].token_ids) == 4
+
+
+def test_quantized_checkpoint_loads_in_bfloat16(quantized):
+    model, path = quantized["int4-rtn-g16"]
+    bf16 = ernie45.load_model(path, dtype="bfloat16")
+    assert bf16.dtype == torch.bfloat16
+    assert bf16.model.layers[0].mlp.up_proj.scales.dtype == torch.float16  # packed format unchanged
+    ids = torch.arange(3, 20).view(1, -1)
+    with torch.no_grad():
+        for rows in (ids, ids[:, :1]):  # reference path, kernel path
+            expected = model(rows)
+            assert (bf16(rows).float() - expected).norm() < 0.02 * expected.norm()  # bf16 activations

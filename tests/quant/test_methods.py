@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ernie45.quant.gptq import gptq_quantize
+from ernie45.quant.gptq import gptq_quantize, refit_group_params
 from ernie45.quant.hqq import hqq_group_params, hqq_quantize
 from ernie45.quant.rtn import rtn_quantize
 from ernie45.quant.spec import QuantSpec
@@ -50,6 +50,17 @@ def test_gptq_with_hqq_grids_beats_gptq_at_2_bits(layer):
         gptq = output_error(W, X, gptq_quantize(W, H, spec, act_order=act_order))
         combined = output_error(W, X, gptq_quantize(W, H, spec, act_order=act_order, choose_group_params=hqq_group_params))
         assert combined < 0.9 * gptq, (act_order, gptq, combined)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(2, 32), QuantSpec(4, 32)], ids=str)
+def test_grid_refit_never_worsens_gptq(layer, spec):
+    W, X, H = layer
+    gptq = gptq_quantize(W, H, spec, act_order=True)
+    refit = refit_group_params(W, H, gptq, spec)
+    assert torch.equal(refit.qweight, gptq.qweight)  # same codes, new grids
+    assert output_error(W, X, refit) <= output_error(W, X, gptq) * 1.001
+    if spec.bits == 2:
+        assert output_error(W, X, refit) < 0.95 * output_error(W, X, gptq)
 
 
 def test_unseen_inputs_do_not_break_gptq(layer):
