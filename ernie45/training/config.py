@@ -97,7 +97,7 @@ class TrainConfig:
     eval_dataset_prob: str = ""
     """Accepted for ERNIEKit configs; eval reads every eval file in full."""
     max_seq_len: int = 2048
-    """Tokens per training sequence; longer samples are truncated (SFT/DPO keep the prompt's end)."""
+    """Tokens per training sequence; longer SFT samples keep their start, DPO prompts keep their end."""
     packing: bool = True
     """Pack several samples into each sequence (no attention across samples, positions restart)."""
     skip_bad_lines: bool = False
