@@ -97,9 +97,11 @@ class Trainer:
             self.total_steps = max(1, math.ceil(cfg.num_train_epochs * self.data.steps_per_epoch))
         self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
         n_micro = cfg.gradient_accumulation_steps * self.info.world_size
-        self.objective = Objective(cfg, module, base, n_micro, reference, reference_ctx)
+        self.objective = Objective(cfg, module, base, n_micro, reference, reference_ctx, self.mtp_depths)
         self.blocks = moe_blocks(base)
         self.amp = autocast_dtype(cfg, self.info.device)
+        if cfg.compute_type == "bf16" and self.amp is None and self.info.is_main:
+            print(f"compute_type bf16: {self.info.device.type} has no native bf16 matmul here; training in fp32")
         self.step = 0
         self.history: list[dict] = []
 
