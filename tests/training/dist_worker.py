@@ -10,7 +10,8 @@ from ernie45.training import config_from_dict, train
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    raw = json.loads(open(sys.argv[1]).read())
+    with open(sys.argv[1]) as f:
+        raw = json.load(f)
     result = train(config_from_dict(raw, source=sys.argv[1]))
     if int(os.environ.get("RANK", "0")) == 0:
         with open(sys.argv[2], "w") as f:

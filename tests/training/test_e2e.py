@@ -122,8 +122,12 @@ def test_sft_lora_peft_round_trip_and_merge_export(tmp_path, tiny_dense):
 
     merged = tmp_path / "merged"
     assert main(["export", "--merge-lora", str(out), "--output", str(merged), "--base", str(tiny_dense)]) == 0
+    export_yaml = tmp_path / "run_export.yaml"
+    export_yaml.write_text(f"model_name_or_path: {tiny_dense}\noutput_dir: {out}\n")
+    assert main(["export", str(export_yaml), "lora=True"]) == 0  # ERNIEKit style: output_dir/export
     with torch.no_grad():
         torch.testing.assert_close(load_model(merged, dtype="float32")(ids), ours_logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(load_model(out / "export", dtype="float32")(ids), ours_logits, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("fine_tuning", ["Full", "LoRA"])
