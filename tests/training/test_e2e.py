@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ernie45.checkpoint import build_empty_model, load_model, save_model
+from ernie45.checkpoint import load_model
 from ernie45.cli.main import main
 from ernie45.models import Ernie45Config
 from ernie45.tokenizer import load_tokenizer
@@ -14,6 +14,7 @@ from ernie45.training import train
 from ernie45.training.data import Encoder, collate, collate_pairs, pack
 from ernie45.training.data.readers import read_records
 from ernie45.training.forward import TrainingModel
+from ernie45.training.init_model import init_checkpoint
 from ernie45.training.lora import load_adapter
 from ernie45.training.losses import sequence_logps, shifted_targets
 
@@ -52,11 +53,7 @@ def metrics(out: Path) -> list[dict]:
 
 
 def test_pt_with_moe_losses_and_mtp_loss_falls(tmp_path, tiny_moe):
-    config = Ernie45Config.from_file(tiny_moe)
-    config.num_nextn_predict_layers = 1
-    model = build_empty_model(config, torch.float32, num_mtp_layers=1)
-    model.init_weights(torch.Generator().manual_seed(3))
-    mtp_dir = save_model(model, tmp_path / "mtp", tokenizer=load_tokenizer(tiny_moe))
+    mtp_dir = init_checkpoint(Ernie45Config.from_file(tiny_moe), tiny_moe, tmp_path / "mtp", seed=3, num_mtp_layers=1)
     out = tmp_path / "run"
     cfg = make_config(mtp_dir, out, pt_text(tmp_path / "pt.jsonl"), stage="PT", train_dataset_type="text",
                       moe_aux_loss_lambda=0.01, moe_z_loss_lambda=0.001, moe_orthogonal_loss_lambda=0.01,
