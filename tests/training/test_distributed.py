@@ -4,6 +4,7 @@
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -33,12 +34,18 @@ def test_two_process_fsdp_matches_one_process(tmp_path, tiny_moe):
     resume_path.write_text(json.dumps(dataclasses.asdict(resume_cfg)))
     resumed = tmp_path / "resume_result.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(Path(__file__).with_name("dist_worker.py")), str(cfg_path), str(result), str(resume_path), str(resumed)],
-        env=env, capture_output=True, text=True, timeout=300, check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(Path(__file__).with_name("dist_worker.py")), str(cfg_path), str(result), str(resume_path), str(resumed)]
+    # Own session: on a timeout the whole group (torchrun and its workers) is killed, no orphans left.
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=420)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        raise AssertionError("torchrun run timed out:\n" + output[-4000:]) from None
+    assert proc.returncode == 0, output[-4000:]
     two = json.loads(result.read_text())
     a = [h["loss"] for h in one["history"]]
     b = [h["loss"] for h in two]
