@@ -11,7 +11,11 @@ Training FLOPs per token = 6 * (active non-embedding params + LM head) + 12 * la
 experts), `tiny` (a smoke test). Prints a table and one JSON line.
 
     python benchmarks/bench_train.py [--shape 0.3b|moe|tiny ...] [--batch 4] [--seq 512] [--steps 5] [--warmup 2]
-        [--dtype float32|bfloat16] [--threads N]
+        [--dtype float32|bfloat16] [--threads N] [--prompt-frac 0.5]
+
+`--prompt-frac F`: the first F of every row is prompt (no loss), as in SFT; both sides get the same labels
+(transformers -100, ours the loss mask); ours then skips the LM head on those positions. MFU counts the full
+head either way (the model FLOPs of the step as transformers runs it).
 
 Quick check (seconds): python benchmarks/bench_train.py --shape tiny --batch 2 --seq 64 --steps 2 --warmup 1
 """
@@ -105,7 +109,10 @@ def bench_shape(shape: str, args: argparse.Namespace, dtype: torch.dtype, peak: 
     ids = torch.randint(3, hf.config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
     batch = {"input_ids": ids, "positions": torch.arange(args.seq).expand_as(ids).contiguous(),
              "segment_ids": torch.zeros_like(ids), "loss_mask": torch.ones_like(ids, dtype=torch.bool)}
-    batch["loss_mask"][:, 0] = False
+    prompt = max(1, int(args.prompt_frac * args.seq))  # SFT-like rows: no loss on the first `prompt` tokens
+    batch["loss_mask"][:, :prompt] = False
+    labels = ids.clone()
+    labels[:, :prompt] = -100  # transformers shifts labels itself: label t is the target of position t - 1
     cfg = config_from_dict({"model_name_or_path": "bench", "train_dataset_path": "bench", "stage": "PT",
                             "train_dataset_type": "text", "multi_token_pred_lambda": 0.0})
     module = TrainingModel(ours)
@@ -121,10 +128,13 @@ def bench_shape(shape: str, args: argparse.Namespace, dtype: torch.dtype, peak: 
         opt_ours.zero_grad(set_to_none=True)
 
     def step_hf():
-        hf(input_ids=ids, labels=ids).loss.backward()
+        hf(input_ids=ids, labels=labels).loss.backward()
         opt_hf.step()
         opt_hf.zero_grad(set_to_none=True)
 
+    with torch.no_grad():  # same weights, same batch: the two losses agree before anything is timed
+        loss_ours = float(objective(batch, denom)[0])
+        loss_hf = float(hf(input_ids=ids, labels=labels).loss)
     # two alternating rounds, best of each: drift (other load, clocks) does not favour one side
     t_hf = t_ours = float("inf")
     for r in range(2):
@@ -133,9 +143,10 @@ def bench_shape(shape: str, args: argparse.Namespace, dtype: torch.dtype, peak: 
     tokens = args.batch * args.seq
     fpt = flops_per_token(ours, args.seq)
     row = {"shape": shape, "moe": moe, "batch": args.batch, "seq": args.seq, "dtype": args.dtype,
+           "prompt_frac": args.prompt_frac,
            "ours_tokens_per_s": tokens / t_ours, "hf_tokens_per_s": tokens / t_hf, "speedup": t_hf / t_ours,
            "ours_mfu": tokens / t_ours * fpt / peak, "hf_mfu": tokens / t_hf * fpt / peak,
-           "flops_per_token": fpt}
+           "flops_per_token": fpt, "loss_ours": loss_ours, "loss_hf": loss_hf}
     return row
 
 
@@ -148,6 +159,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--prompt-frac", type=float, default=0.0,
+                    help="fraction of each row that is prompt (no loss), as in SFT data; 0 = pretraining")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -155,10 +168,10 @@ def main() -> None:
     peak = matmul_peak(dtype)
     results = [bench_shape(shape, args, dtype, peak) for shape in args.shape]
     print(f"matmul peak ({args.dtype}, {torch.get_num_threads()} threads): {peak / 1e9:.1f} GFLOP/s")
-    print(f"{'shape':6} {'ours tok/s':>11} {'hf tok/s':>10} {'ratio':>6} {'ours MFU':>9} {'hf MFU':>8}")
+    print(f"{'shape':6} {'ours tok/s':>11} {'hf tok/s':>10} {'ratio':>6} {'ours MFU':>9} {'hf MFU':>8} {'loss ours/hf':>16}")
     for r in results:
         print(f"{r['shape']:6} {r['ours_tokens_per_s']:11.1f} {r['hf_tokens_per_s']:10.1f} {r['speedup']:6.2f} "
-              f"{r['ours_mfu']:9.1%} {r['hf_mfu']:8.1%}")
+              f"{r['ours_mfu']:9.1%} {r['hf_mfu']:8.1%} {r['loss_ours']:8.4f}/{r['loss_hf']:.4f}")
     print("target: ours >= 1.2x transformers' tokens/s")
     print(json.dumps({"bench": "train", "peak_flops": peak, "threads": torch.get_num_threads(),
                       "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
