@@ -28,7 +28,7 @@ from .checkpointing import load_checkpoint, resolve_resume, save_checkpoint
 from .config import TrainConfig
 from .data import Encoder, EvalData, TrainData
 from .forward import TrainingModel, moe_blocks
-from .lora import adapter_state_dict, adapters_disabled, apply_lora, save_adapter
+from .lora import adapter_state_dict, adapters_disabled, apply_lora, peft_mismatch, save_adapter
 from .losses import update_correction_bias
 from .metrics import MetricsLogger
 from .objectives import Objective, counts
@@ -68,6 +68,11 @@ class Trainer:
         self.lora = cfg.fine_tuning == "LoRA"
         if self.lora:
             apply_lora(base, cfg.target_modules, cfg.lora_rank, cfg.lora_scale_alpha, cfg.lora_dropout, cfg.seed)
+            remapped = peft_mismatch(base, cfg.target_modules)
+            if remapped and self.info.is_main:
+                print(f"note: LoRA on {', '.join(remapped)} of a MoE model loads in ernie45 and merges with "
+                      f"`ernie45 export`, but peft remaps these names to the fused experts on transformers' "
+                      f"Ernie4_5_MoeForCausalLM; use q_proj,k_proj,v_proj,o_proj for a peft-loadable adapter")
         reference, reference_ctx = None, None
         if cfg.stage == "DPO" and not cfg.reference_free:
             if self.lora:

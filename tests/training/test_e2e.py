@@ -132,12 +132,24 @@ def test_dpo_raises_chosen_minus_rejected_margin(tmp_path, tiny_moe, fine_tuning
     data = dpo_erniekit(tmp_path / "dpo.jsonl")
     out = tmp_path / "run"
     train(make_config(tiny_moe, out, data, stage="DPO", fine_tuning=fine_tuning, learning_rate=2e-3, beta=0.1,
-                      sft_loss_ratio=0.1, max_steps=6))
+                      sft_loss_ratio=0.1, max_steps=6, lora_target_modules="q_proj,k_proj,v_proj,o_proj"))
     rec = metrics(out)
     assert rec[-1]["rewards_margin"] > rec[0]["rewards_margin"]
     assert {"dpo_loss", "sft_loss", "rewards_accuracy"} <= set(rec[-1])
     if fine_tuning == "Full":
         assert dpo_margin(out, data) > dpo_margin(tiny_moe, data) + 1.0
+        return
+    # a MoE adapter on the attention projections round-trips through peft on transformers' MoE model
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    hf = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_moe, dtype=torch.float32), out).eval()
+    ours = load_model(tiny_moe, dtype="float32")
+    load_adapter(ours, out)
+    ids = torch.randint(5, 500, (2, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert not torch.allclose(ours(ids), load_model(tiny_moe, dtype="float32")(ids), atol=1e-3)
+        torch.testing.assert_close(hf(input_ids=ids).logits, ours(ids), rtol=1e-4, atol=1e-4)
 
 
 def test_resume_reproduces_the_uninterrupted_loss_curve(tmp_path, tiny_moe):
