@@ -58,6 +58,9 @@ class Trainer:
         self.cfg = cfg
         self.info = D.init_distributed()
         self.run_dir = Path(cfg.output_dir)
+        if cfg.accepted_hints and self.info.is_main:
+            print("config: accepted with no effect here (Paddle kernel / loader / logging options, or the default "
+                  "of a feature not implemented): " + ", ".join(f"{k}={v}" for k, v in cfg.accepted_hints.items()))
         seed_everything(cfg.seed)
         self.tokenizer = load_tokenizer(_resolve(cfg.model_name_or_path))
         base = load_model(cfg.model_name_or_path, dtype="float32", device=self.info.device)
