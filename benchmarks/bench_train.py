@@ -11,7 +11,11 @@ Training FLOPs per token = 6 * (active non-embedding params + LM head) + 12 * la
 experts), `tiny` (a smoke test). Prints a table and one JSON line.
 
     python benchmarks/bench_train.py [--shape 0.3b|moe|tiny ...] [--batch 4] [--seq 512] [--steps 5] [--warmup 2]
-        [--dtype float32|bfloat16] [--threads N]
+        [--dtype float32|bfloat16] [--threads N] [--prompt-frac 0.5]
+
+`--prompt-frac F`: the first F of every row is prompt (no loss), as in SFT; both sides get the same labels
+(transformers -100, ours the loss mask); ours then skips the LM head on those positions. MFU counts the full
+head either way (the model FLOPs of the step as transformers runs it).
 
 Quick check (seconds): python benchmarks/bench_train.py --shape tiny --batch 2 --seq 64 --steps 2 --warmup 1
 """
@@ -33,17 +37,17 @@ from ernie45.training.objectives import Objective, counts
 
 ROPE = {"rope_type": "default", "rope_theta": 500000.0}
 SHAPES = {
-    "0.3b": dict(vocab_size=103424, hidden_size=1024, intermediate_size=3072, num_hidden_layers=18,
-                 num_attention_heads=16, num_key_value_heads=2, head_dim=128, tie_word_embeddings=True,
-                 rope_parameters=ROPE),
-    "moe": dict(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=8,
-                num_key_value_heads=2, head_dim=64, tie_word_embeddings=True, rope_parameters=ROPE,
-                moe_num_experts=16, moe_k=2, moe_intermediate_size=256, moe_num_shared_experts=1,
-                moe_layer_start_index=1, moe_layer_end_index=-1, moe_layer_interval=1),
-    "tiny": dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=16, tie_word_embeddings=True, rope_parameters=ROPE,
-                 moe_num_experts=4, moe_k=2, moe_intermediate_size=32, moe_num_shared_experts=1,
-                 moe_layer_start_index=1, moe_layer_end_index=-1, moe_layer_interval=1),
+    "0.3b": {"vocab_size": 103424, "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 18,
+                 "num_attention_heads": 16, "num_key_value_heads": 2, "head_dim": 128, "tie_word_embeddings": True,
+                 "rope_parameters": ROPE},
+    "moe": {"vocab_size": 32000, "hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 6, "num_attention_heads": 8,
+                "num_key_value_heads": 2, "head_dim": 64, "tie_word_embeddings": True, "rope_parameters": ROPE,
+                "moe_num_experts": 16, "moe_k": 2, "moe_intermediate_size": 256, "moe_num_shared_experts": 1,
+                "moe_layer_start_index": 1, "moe_layer_end_index": -1, "moe_layer_interval": 1},
+    "tiny": {"vocab_size": 1000, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                 "num_key_value_heads": 2, "head_dim": 16, "tie_word_embeddings": True, "rope_parameters": ROPE,
+                 "moe_num_experts": 4, "moe_k": 2, "moe_intermediate_size": 32, "moe_num_shared_experts": 1,
+                 "moe_layer_start_index": 1, "moe_layer_end_index": -1, "moe_layer_interval": 1},
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -64,7 +68,7 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 1.0) -> floa
 
 def build_models(shape: str, dtype: torch.dtype):
     """transformers' model with random weights, and ours loaded from its saved checkpoint (identical weights)."""
-    from transformers import Ernie4_5Config, Ernie4_5ForCausalLM, Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM
+    from transformers import Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM, Ernie4_5Config, Ernie4_5ForCausalLM
 
     kwargs = SHAPES[shape]
     moe = "moe_num_experts" in kwargs
@@ -99,6 +103,53 @@ def time_loop(step, steps: int, warmup: int) -> float:
     return (time.perf_counter() - t0) / steps
 
 
+def bench_shape(shape: str, args: argparse.Namespace, dtype: torch.dtype, peak: float) -> dict:
+    """One shape: both training steps timed in alternating rounds; tokens/s and MFU of each."""
+    hf, ours, moe = build_models(shape, dtype)
+    ids = torch.randint(3, hf.config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "positions": torch.arange(args.seq).expand_as(ids).contiguous(),
+             "segment_ids": torch.zeros_like(ids), "loss_mask": torch.ones_like(ids, dtype=torch.bool)}
+    prompt = max(1, int(args.prompt_frac * args.seq))  # SFT-like rows: no loss on the first `prompt` tokens
+    batch["loss_mask"][:, :prompt] = False
+    labels = ids.clone()
+    labels[:, :prompt] = -100  # transformers shifts labels itself: label t is the target of position t - 1
+    cfg = config_from_dict({"model_name_or_path": "bench", "train_dataset_path": "bench", "stage": "PT",
+                            "train_dataset_type": "text", "multi_token_pred_lambda": 0.0})
+    module = TrainingModel(ours)
+    objective = Objective(cfg, module, ours, n_micro=1)
+    denom = counts(batch, cfg, 0)
+    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-5, foreach=False)
+    opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-5, foreach=False)
+
+    def step_ours():
+        loss, _ = objective(batch, denom)
+        loss.backward()
+        opt_ours.step()
+        opt_ours.zero_grad(set_to_none=True)
+
+    def step_hf():
+        hf(input_ids=ids, labels=labels).loss.backward()
+        opt_hf.step()
+        opt_hf.zero_grad(set_to_none=True)
+
+    with torch.no_grad():  # same weights, same batch: the two losses agree before anything is timed
+        loss_ours = float(objective(batch, denom)[0])
+        loss_hf = float(hf(input_ids=ids, labels=labels).loss)
+    # two alternating rounds, best of each: drift (other load, clocks) does not favour one side
+    t_hf = t_ours = float("inf")
+    for r in range(2):
+        t_hf = min(t_hf, time_loop(step_hf, args.steps, args.warmup if r == 0 else 0))
+        t_ours = min(t_ours, time_loop(step_ours, args.steps, args.warmup if r == 0 else 0))
+    tokens = args.batch * args.seq
+    fpt = flops_per_token(ours, args.seq)
+    row = {"shape": shape, "moe": moe, "batch": args.batch, "seq": args.seq, "dtype": args.dtype,
+           "prompt_frac": args.prompt_frac,
+           "ours_tokens_per_s": tokens / t_ours, "hf_tokens_per_s": tokens / t_hf, "speedup": t_hf / t_ours,
+           "ours_mfu": tokens / t_ours * fpt / peak, "hf_mfu": tokens / t_hf * fpt / peak,
+           "flops_per_token": fpt, "loss_ours": loss_ours, "loss_hf": loss_hf}
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", nargs="+", default=["0.3b", "moe"], choices=sorted(SHAPES))
@@ -108,54 +159,19 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--prompt-frac", type=float, default=0.0,
+                    help="fraction of each row that is prompt (no loss), as in SFT data; 0 = pretraining")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
     peak = matmul_peak(dtype)
-    results = []
-    for shape in args.shape:
-        hf, ours, moe = build_models(shape, dtype)
-        ids = torch.randint(3, hf.config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
-        batch = {"input_ids": ids, "positions": torch.arange(args.seq).expand_as(ids).contiguous(),
-                 "segment_ids": torch.zeros_like(ids), "loss_mask": torch.ones_like(ids, dtype=torch.bool)}
-        batch["loss_mask"][:, 0] = False
-        cfg = config_from_dict({"model_name_or_path": "bench", "train_dataset_path": "bench", "stage": "PT",
-                                "train_dataset_type": "text", "multi_token_pred_lambda": 0.0})
-        module = TrainingModel(ours)
-        objective = Objective(cfg, module, ours, n_micro=1)
-        denom = counts(batch, cfg, 0)
-        opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-5, foreach=False)
-        opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-5, foreach=False)
-
-        def step_ours():
-            loss, _ = objective(batch, denom)
-            loss.backward()
-            opt_ours.step()
-            opt_ours.zero_grad(set_to_none=True)
-
-        def step_hf():
-            hf(input_ids=ids, labels=ids).loss.backward()
-            opt_hf.step()
-            opt_hf.zero_grad(set_to_none=True)
-
-        # two alternating rounds, best of each: drift (other load, clocks) does not favour one side
-        t_hf = t_ours = float("inf")
-        for r in range(2):
-            t_hf = min(t_hf, time_loop(step_hf, args.steps, args.warmup if r == 0 else 0))
-            t_ours = min(t_ours, time_loop(step_ours, args.steps, args.warmup if r == 0 else 0))
-        tokens = args.batch * args.seq
-        fpt = flops_per_token(ours, args.seq)
-        row = {"shape": shape, "moe": moe, "batch": args.batch, "seq": args.seq, "dtype": args.dtype,
-               "ours_tokens_per_s": tokens / t_ours, "hf_tokens_per_s": tokens / t_hf, "speedup": t_hf / t_ours,
-               "ours_mfu": tokens / t_ours * fpt / peak, "hf_mfu": tokens / t_hf * fpt / peak,
-               "flops_per_token": fpt}
-        results.append(row)
+    results = [bench_shape(shape, args, dtype, peak) for shape in args.shape]
     print(f"matmul peak ({args.dtype}, {torch.get_num_threads()} threads): {peak / 1e9:.1f} GFLOP/s")
-    print(f"{'shape':6} {'ours tok/s':>11} {'hf tok/s':>10} {'ratio':>6} {'ours MFU':>9} {'hf MFU':>8}")
+    print(f"{'shape':6} {'ours tok/s':>11} {'hf tok/s':>10} {'ratio':>6} {'ours MFU':>9} {'hf MFU':>8} {'loss ours/hf':>16}")
     for r in results:
         print(f"{r['shape']:6} {r['ours_tokens_per_s']:11.1f} {r['hf_tokens_per_s']:10.1f} {r['speedup']:6.2f} "
-              f"{r['ours_mfu']:9.1%} {r['hf_mfu']:8.1%}")
+              f"{r['ours_mfu']:9.1%} {r['hf_mfu']:8.1%} {r['loss_ours']:8.4f}/{r['loss_hf']:.4f}")
     print("target: ours >= 1.2x transformers' tokens/s")
     print(json.dumps({"bench": "train", "peak_flops": peak, "threads": torch.get_num_threads(),
                       "machine": platform.processor() or platform.machine(), "torch": torch.__version__,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,40 +23,49 @@ SCHEDULERS = ("linear", "cosine", "wsd", "constant")
 COMPUTE_TYPES = ("fp32", "bf16")
 DPO_LOSS_TYPES = ("sigmoid", "ipo")
 
-# ERNIEKit keys we know and do not implement: key -> why / what to do instead.
+# ERNIEKit keys for features not implemented here: key -> (values that mean "off", so configs stating the default
+# still run; reason). Any other value is a "not supported" error.
 NOT_SUPPORTED = {
-    "tensor_parallel_degree": "tensor parallelism is not implemented; FSDP2 shards over all torchrun processes",
-    "pipeline_parallel_degree": "pipeline parallelism is not implemented; FSDP2 shards over all torchrun processes",
-    "virtual_pp_degree": "pipeline parallelism is not implemented",
-    "pp_seg_method": "pipeline parallelism is not implemented",
-    "sequence_parallel": "sequence parallelism is not implemented",
-    "moe_group": "expert parallelism is not implemented",
-    "fp16_opt_level": "fp16 AMP levels are Paddle-specific; use compute_type: bf16 or fp32",
-    "amp_master_grad": "Paddle AMP option; bf16 autocast keeps fp32 master weights already",
-    "amp_custom_white_list": "Paddle AMP option; not supported",
-    "amp_custom_black_list": "Paddle AMP option; not supported",
-    "offload_optim": "optimizer offload is not implemented",
-    "release_grads": "Paddle memory option; not supported",
-    "unified_checkpoint": "checkpoints are always written in one layout (HF safetensors + torch state)",
-    "unified_checkpoint_config": "checkpoints are always written in one layout (HF safetensors + torch state)",
-    "use_sparse_head_and_loss_fn": "fused sparse head is Paddle-specific; not supported",
-    "use_fused_head_and_loss_fn": "fused head is Paddle-specific; not supported",
-    "use_sparse_flash_attn": "FlashMask is Paddle-specific; packing masks come from segment ids",
-    "use_flash_attention": "attention is torch SDPA; not configurable",
-    "fuse_rope": "Paddle kernel option; not supported",
-    "recompute_granularity": "only full-layer recompute is implemented (recompute: true)",
-    "greedy_intokens": "packing is first-fit over the stream; greedy_intokens is not supported",
-    "buffer_size": "packing buffer size is not configurable (greedy_intokens is not supported)",
-    "mix_strategy": "only weighted random mixing (train_dataset_prob) is implemented",
-    "simpo_gamma": "SimPO is not implemented; loss_type sigmoid or ipo",
-    "offset_alpha": "DPO offset is not implemented",
-    "ref_model_update_steps": "reference model updates are not implemented; the reference stays the start model",
-    "label_smoothing": "DPO label smoothing is not implemented",
-    "normalize_logps": "length-normalised DPO log-probs are not implemented",
-    "dpop_lambda": "DPOP is not implemented",
-    "use_huggingface_model": "not needed: ernie45 reads HF checkpoints natively",
-    "qat": "QAT is not supported yet (ernie45.quant.qat provides the model transform when it lands)",
+    "tensor_parallel_degree": ({1}, "tensor parallelism is not implemented; FSDP2 shards over all torchrun processes"),
+    "tensor_model_parallel_size": ({1}, "tensor parallelism is not implemented; FSDP2 shards over all processes"),
+    "pipeline_parallel_degree": ({1}, "pipeline parallelism is not implemented; FSDP2 shards over all processes"),
+    "pipeline_model_parallel_size": ({1}, "pipeline parallelism is not implemented"),
+    "virtual_pp_degree": ({1}, "pipeline parallelism is not implemented"),
+    "expert_model_parallel_size": ({1}, "expert parallelism is not implemented"),
+    "context_parallel_size": ({1}, "context parallelism is not implemented"),
+    "sharding_parallel_degree": (set(), "torchrun's process count sets the FSDP2 degree; remove this key"),
+    "sequence_parallel": ({False}, "sequence parallelism is not implemented"),
+    "use_expert_parallel": ({False}, "expert parallelism is not implemented"),
+    "offload_optim": ({False}, "optimizer offload is not implemented"),
+    "fp16": ({False}, "fp16 training is not supported; use compute_type: bf16 or fp32"),
+    "recompute_granularity": ({"full"}, "only full-layer recompute is implemented (recompute: true)"),
+    "layerwise_lr_decay_bound": ({1}, "layer-wise lr decay is not implemented"),
+    "mix_strategy": ({"random"}, "only weighted random mixing (train_dataset_prob) is implemented"),
+    "simpo_gamma": ({0}, "SimPO is not implemented; loss_type sigmoid or ipo"),
+    "offset_alpha": ({0}, "DPO offset is not implemented"),
+    "ref_model_update_steps": ({-1}, "reference model updates are not implemented; the reference is the start model"),
+    "label_smoothing": ({0}, "DPO label smoothing is not implemented"),
+    "normalize_logps": ({False}, "length-normalised DPO log-probs are not implemented"),
+    "dpop_lambda": ({0}, "DPOP is not implemented"),
+    "qat": ({False}, "QAT is not supported yet (ernie45.quant.qat provides the model transform when it lands)"),
+    "multimodal": ({False}, "VL training is not implemented"),
+    "template": (set(), "the checkpoint's own chat template is used; custom templates are not supported"),
 }
+# ERNIEKit keys that tune Paddle's kernels, data loader or logging and change no result: accepted, listed at start.
+NO_EFFECT = {
+    "fuse_rope", "fuse_linear", "fuse_rms_norm", "fuse_swiglu", "use_flash_attention", "use_sparse_flash_attn",
+    "_attn_implementation", "use_sparse_head_and_loss_fn", "use_fused_head_and_loss_fn", "release_grads",
+    "distributed_dataloader", "dataloader_num_workers", "prefetch_factor", "logging_dir", "evaluation_strategy",
+    "save_strategy", "max_evaluate_steps", "eval_iters", "eval_accumulation_steps", "per_device_eval_batch_size",
+    "eval_batch_size", "unified_checkpoint", "unified_checkpoint_config", "fp16_opt_level", "amp_master_grad",
+    "amp_custom_white_list", "amp_custom_black_list", "greedy_intokens", "buffer_size", "random_shuffle",
+    "num_samples_each_epoch", "use_template", "padding_free", "truncate_packing", "recompute_method",
+    "recompute_num_layers", "sharding", "save_checkpoint_format", "load_checkpoint_format", "moe_group",
+    "use_huggingface_model", "save_hf_steps", "split", "weight_quantize_algo",
+}
+# ERNIEKit / PaddleNLP spellings of our keys.
+ALIASES = {"per_device_train_batch_size": "batch_size"}
+_CASE = {"fine_tuning": {"full": "Full", "lora": "LoRA"}, "stage": {"pt": "PT", "sft": "SFT", "dpo": "DPO"}}
 _NOT_SUPPORTED_VALUES = {
     ("fine_tuning", "QAT"): "fine_tuning: QAT is not supported yet",
     ("loss_type", "kto_pair"): "loss_type kto_pair is not implemented; use sigmoid or ipo",
@@ -97,7 +106,7 @@ class TrainConfig:
     eval_dataset_prob: str = ""
     """Accepted for ERNIEKit configs; eval reads every eval file in full."""
     max_seq_len: int = 2048
-    """Tokens per training sequence; longer samples are truncated (SFT/DPO keep the prompt's end)."""
+    """Tokens per training sequence; longer SFT samples keep their start, DPO prompts keep their end."""
     packing: bool = True
     """Pack several samples into each sequence (no attention across samples, positions restart)."""
     skip_bad_lines: bool = False
@@ -200,6 +209,8 @@ class TrainConfig:
     """Run evaluation when eval data is given."""
     disable_tqdm: bool = False
     """No progress bar."""
+    accepted_hints: dict = field(default_factory=dict)
+    """Filled by the loader: ERNIEKit performance/logging keys accepted with no effect here (printed at start)."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -343,15 +354,34 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> TrainConfig
     """Validate keys (unknown -> did-you-mean, unsupported -> 'not supported'), coerce types, build the config."""
     hints = {f.name: f.type for f in dataclasses.fields(TrainConfig)}  # annotation strings, e.g. 'float | None'
     names = [f.name for f in dataclasses.fields(TrainConfig)]
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
+    accepted: dict[str, Any] = {}
     for key, value in raw.items():
+        if key in ("accepted_hints",):
+            raise ConfigError(f"{source}: {key} is filled by the loader, not a config key")
+        if key == "bf16":  # PaddleNLP's switch
+            if value:
+                kwargs["compute_type"] = "bf16"
+            continue
         if key in NOT_SUPPORTED:
-            raise ConfigError(f"{source}: {key}: not supported: {NOT_SUPPORTED[key]}")
+            neutral, why = NOT_SUPPORTED[key]
+            if value in neutral:
+                accepted[key] = value
+                continue
+            raise ConfigError(f"{source}: {key}: {value!r} is not supported: {why}")
+        if key in NO_EFFECT:
+            accepted[key] = value
+            continue
+        key = ALIASES.get(key) or key
         if key not in names:
-            close = difflib.get_close_matches(key, names + list(NOT_SUPPORTED), n=1)
+            known = names + list(NOT_SUPPORTED) + sorted(NO_EFFECT)
+            close = difflib.get_close_matches(key, known, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"{source}: unknown key {key!r}{hint}")
+        if key in _CASE and isinstance(value, str):
+            value = _CASE[key].get(value.lower(), value)
         kwargs[key] = _coerce(key, value, hints[key], source)
+    kwargs["accepted_hints"] = accepted
     cfg = TrainConfig.__new__(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default

@@ -22,6 +22,8 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    owns_group: bool = False
+    """Whether init_distributed created the process group (and shutdown should destroy it)."""
 
     @property
     def is_main(self) -> bool:
@@ -41,13 +43,14 @@ def init_distributed() -> DistInfo:
         return DistInfo(device=device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()  # a caller that set up the group itself keeps it across runs
+    if owns:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local, device)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local, device, owns)
 
 
 def shutdown(info: DistInfo) -> None:
-    if info.enabled and dist.is_initialized():
+    if info.owns_group and dist.is_initialized():
         dist.destroy_process_group()
 
 

@@ -4,7 +4,10 @@ adapter_model.safetensors, names `base_model.model.<HF module>.lora_A.weight`) s
 applies them to transformers' Ernie4_5*ForCausalLM; `merge_lora` folds them into the weights for export.
 
 Routed experts are stacked tensors (not Linear modules, in transformers either) and the MTP block has no
-transformers counterpart, so neither gets adapters.
+transformers counterpart, so neither gets adapters. On `ernie4_5_moe` models, peft (with transformers 5) remaps the
+names gate_proj / up_proj / down_proj to the fused expert parameters, so adapters on the shared-expert and dense MLP
+projections of a MoE model load in ernie45 and merge with `ernie45 export`, but not in peft: attention-only targets
+(q/k/v/o_proj) round-trip through peft for MoE models (`peft_mismatch` names the case).
 """
 
 from __future__ import annotations
@@ -79,6 +82,16 @@ def apply_lora(model: nn.Module, target_modules: list[str], r: int, alpha: float
         setattr(parent, child_name, lora)
         names.append(f"{module_names[id(parent)]}.{child_name}".lstrip("."))
     return names
+
+
+PEFT_MOE_REMAPPED = ("gate_proj", "up_proj", "down_proj")
+
+
+def peft_mismatch(model: nn.Module, target_modules: list[str]) -> list[str]:
+    """Targets whose adapters peft would not apply to transformers' version of this model (see the module doc)."""
+    if getattr(model.config, "model_type", "") != "ernie4_5_moe":
+        return []
+    return [t for t in target_modules if t in PEFT_MOE_REMAPPED]
 
 
 def lora_modules(model: nn.Module) -> list[tuple[str, LoraLinear]]:

@@ -28,9 +28,9 @@ def shifted_targets(input_ids_BT: torch.Tensor, loss_mask_BT: torch.Tensor, segm
 
 
 def token_cross_entropy(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
-    """Per-token CE in fp32 [B, T]; 0 where the target is IGNORE."""
-    return F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten(), ignore_index=IGNORE,
-                           reduction="none").view_as(targets_BT)
+    """Per-token CE in fp32, shaped like the targets ([B, T], or [M] for gathered rows); 0 where IGNORE."""
+    return F.cross_entropy(logits_BTV.float().reshape(-1, logits_BTV.shape[-1]), targets_BT.reshape(-1),
+                           ignore_index=IGNORE, reduction="none").view_as(targets_BT)
 
 
 def token_balanced(loss_sum: torch.Tensor, fixed_denominator: float, mean: torch.Tensor) -> torch.Tensor:

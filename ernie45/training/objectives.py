@@ -42,7 +42,7 @@ def _f(x) -> float:
 
 class Objective:
     def __init__(self, cfg: TrainConfig, module: TrainingModel, base_model, n_micro: int, reference=None,
-                 reference_ctx=None):
+                 reference_ctx=None, mtp_depths: int = 0):
         self.cfg = cfg
         self.module = module
         self.base = base_model  # the unwrapped Ernie45ForCausalLM (for MoE block metadata)
@@ -50,6 +50,7 @@ class Objective:
         self.reference = reference  # a frozen TrainingModel, or None (reference-free / LoRA with adapters off)
         self.reference_ctx = reference_ctx  # context manager that turns the policy into the reference (LoRA)
         self.blocks = moe_blocks(base_model)
+        self.mtp_depths = mtp_depths  # MTP heads the module computes (0 when MTP is off)
 
     def _router_terms(self, out, seg, metrics: dict, usage: list | None) -> torch.Tensor:
         cfg = self.cfg
@@ -84,9 +85,11 @@ class Objective:
     def lm(self, batch: dict, denom: dict, usage: list | None) -> tuple[torch.Tensor, dict]:
         cfg = self.cfg
         ids, mask, seg = batch["input_ids"], batch["loss_mask"], batch["segment_ids"]
-        out = self._run(self.module, batch)
+        targets = [shifted_targets(ids, mask, seg, 1 + d) for d in range(1 + self.mtp_depths)]
+        masks = [t != IGNORE for t in targets]
+        out = self.module(ids, batch["positions"], seg, masks)
         metrics: dict[str, float] = {}
-        lm_sum = token_cross_entropy(out.logits, shifted_targets(ids, mask, seg, 1)).sum()
+        lm_sum = token_cross_entropy(out.logits, targets[0][masks[0]]).sum()
         lm = lm_sum / max(denom["tokens"], 1.0)
         if cfg.token_balance_loss:
             fixed = (cfg.token_balance_seqlen or cfg.max_seq_len * cfg.batch_size) * self.n_micro
@@ -94,7 +97,7 @@ class Objective:
         metrics["lm_loss"] = _f(lm)
         loss = lm + self._router_terms(out, seg, metrics, usage)
         for d, mtp_logits in enumerate(out.mtp_logits):
-            mtp_sum = token_cross_entropy(mtp_logits, shifted_targets(ids, mask, seg, d + 2)).sum()
+            mtp_sum = token_cross_entropy(mtp_logits, targets[1 + d][masks[1 + d]]).sum()
             mtp = mtp_sum / max(denom[f"mtp{d}"], 1.0) / len(out.mtp_logits)
             loss = loss + cfg.multi_token_pred_lambda * mtp
             metrics["mtp_loss"] = metrics.get("mtp_loss", 0.0) + _f(mtp)

@@ -28,7 +28,7 @@ from .checkpointing import load_checkpoint, resolve_resume, save_checkpoint
 from .config import TrainConfig
 from .data import Encoder, EvalData, TrainData
 from .forward import TrainingModel, moe_blocks
-from .lora import adapter_state_dict, adapters_disabled, apply_lora, save_adapter
+from .lora import adapter_state_dict, adapters_disabled, apply_lora, peft_mismatch, save_adapter
 from .losses import update_correction_bias
 from .metrics import MetricsLogger
 from .objectives import Objective, counts
@@ -58,6 +58,9 @@ class Trainer:
         self.cfg = cfg
         self.info = D.init_distributed()
         self.run_dir = Path(cfg.output_dir)
+        if cfg.accepted_hints and self.info.is_main:
+            print("config: accepted with no effect here (Paddle kernel / loader / logging options, or the default "
+                  "of a feature not implemented): " + ", ".join(f"{k}={v}" for k, v in cfg.accepted_hints.items()))
         seed_everything(cfg.seed)
         self.tokenizer = load_tokenizer(_resolve(cfg.model_name_or_path))
         base = load_model(cfg.model_name_or_path, dtype="float32", device=self.info.device)
@@ -68,6 +71,11 @@ class Trainer:
         self.lora = cfg.fine_tuning == "LoRA"
         if self.lora:
             apply_lora(base, cfg.target_modules, cfg.lora_rank, cfg.lora_scale_alpha, cfg.lora_dropout, cfg.seed)
+            remapped = peft_mismatch(base, cfg.target_modules)
+            if remapped and self.info.is_main:
+                print(f"note: LoRA on {', '.join(remapped)} of a MoE model loads in ernie45 and merges with "
+                      f"`ernie45 export`, but peft remaps these names to the fused experts on transformers' "
+                      f"Ernie4_5_MoeForCausalLM; use q_proj,k_proj,v_proj,o_proj for a peft-loadable adapter")
         reference, reference_ctx = None, None
         if cfg.stage == "DPO" and not cfg.reference_free:
             if self.lora:
@@ -97,9 +105,11 @@ class Trainer:
             self.total_steps = max(1, math.ceil(cfg.num_train_epochs * self.data.steps_per_epoch))
         self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
         n_micro = cfg.gradient_accumulation_steps * self.info.world_size
-        self.objective = Objective(cfg, module, base, n_micro, reference, reference_ctx)
+        self.objective = Objective(cfg, module, base, n_micro, reference, reference_ctx, self.mtp_depths)
         self.blocks = moe_blocks(base)
         self.amp = autocast_dtype(cfg, self.info.device)
+        if cfg.compute_type == "bf16" and self.amp is None and self.info.is_main:
+            print(f"compute_type bf16: {self.info.device.type} has no native bf16 matmul here; training in fp32")
         self.step = 0
         self.history: list[dict] = []
 

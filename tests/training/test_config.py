@@ -28,9 +28,22 @@ def test_unknown_key_names_it_with_did_you_mean():
         config_from_dict({**BASE, "learning_rat": 1e-4}, source="test.yaml")
 
 
+def test_erniekit_sft_config_runs_unchanged(tmp_path):
+    """Keys of ERNIEKit's 0.3B run_sft_8k.yaml: performance hints and neutral values of absent features load."""
+    raw = {**BASE, "fine_tuning": "full", "stage": "sft", "fuse_rope": True, "use_sparse_head_and_loss_fn": True,
+           "tensor_parallel_degree": 1, "pipeline_parallel_degree": 1, "offload_optim": False, "bf16": True,
+           "per_device_train_batch_size": 2, "evaluation_strategy": "steps", "logging_dir": "./vdl_log",
+           "layerwise_lr_decay_bound": 1.0, "min_lr": 1.0e-6, "adam_beta2": 0.95, "release_grads": True}
+    cfg = config_from_dict(raw)
+    assert (cfg.fine_tuning, cfg.stage, cfg.batch_size, cfg.compute_type) == ("Full", "SFT", 2, "bf16")
+    assert cfg.accepted_hints["fuse_rope"] is True and cfg.accepted_hints["tensor_parallel_degree"] == 1
+
+
 def test_known_erniekit_key_we_lack_is_not_supported():
-    with pytest.raises(ConfigError, match="tensor_parallel_degree: not supported"):
+    with pytest.raises(ConfigError, match="tensor_parallel_degree: 2 is not supported: tensor parallelism"):
         config_from_dict({**BASE, "tensor_parallel_degree": 2})
+    with pytest.raises(ConfigError, match="offload_optim: True is not supported"):
+        config_from_dict({**BASE, "offload_optim": True})
     with pytest.raises(ConfigError, match="QAT is not supported yet"):
         config_from_dict({**BASE, "fine_tuning": "QAT"})
     with pytest.raises(ConfigError, match="kto_pair is not implemented"):

@@ -1,8 +1,10 @@
-"""A real 2-process torchrun (gloo, FSDP2) run gives the 1-process loss curve on the same global batch."""
+"""A real 2-process torchrun (gloo, FSDP2) run gives the 1-process loss curve on the same global batch, and a
+2-process resume from its sharded checkpoint reproduces it."""
 
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -26,18 +28,31 @@ def test_two_process_fsdp_matches_one_process(tmp_path, tiny_moe):
     cfg_path = tmp_path / "two.json"
     cfg_path.write_text(json.dumps(dataclasses.asdict(cfg)))
     result = tmp_path / "two_result.json"
+    resume_cfg = dataclasses.replace(cfg, output_dir=str(tmp_path / "resumed"),
+                                     resume_from_checkpoint=str(tmp_path / "two" / "checkpoint-2"))
+    resume_path = tmp_path / "resume.json"
+    resume_path.write_text(json.dumps(dataclasses.asdict(resume_cfg)))
+    resumed = tmp_path / "resume_result.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(Path(__file__).with_name("dist_worker.py")), str(cfg_path), str(result)],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(Path(__file__).with_name("dist_worker.py")), str(cfg_path), str(result), str(resume_path), str(resumed)]
+    # Own session: on a timeout the whole group (torchrun and its workers) is killed, no orphans left.
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=420)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        raise AssertionError("torchrun run timed out:\n" + output[-4000:]) from None
+    assert proc.returncode == 0, output[-4000:]
     two = json.loads(result.read_text())
     a = [h["loss"] for h in one["history"]]
     b = [h["loss"] for h in two]
     assert len(b) == 4 and a[-1] < a[0]
     assert b == [float(x) for x in b] and max(abs(x - y) for x, y in zip(a, b)) < 2e-5, (a, b)
+    # resuming from the sharded step-2 checkpoint on 2 processes reproduces steps 3-4 exactly
+    assert [h["loss"] for h in json.loads(resumed.read_text())] == b
     # sharded checkpoints written by both ranks, and the gathered final checkpoint matches the 1-process one
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoint-2" / "state").iterdir() if p.suffix == ".distcp") == \
         ["__0_0.distcp", "__1_0.distcp"]

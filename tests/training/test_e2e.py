@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ernie45.checkpoint import build_empty_model, load_model, save_model
+from ernie45.checkpoint import load_model
 from ernie45.cli.main import main
 from ernie45.models import Ernie45Config
 from ernie45.tokenizer import load_tokenizer
@@ -14,6 +14,7 @@ from ernie45.training import train
 from ernie45.training.data import Encoder, collate, collate_pairs, pack
 from ernie45.training.data.readers import read_records
 from ernie45.training.forward import TrainingModel
+from ernie45.training.init_model import init_checkpoint
 from ernie45.training.lora import load_adapter
 from ernie45.training.losses import sequence_logps, shifted_targets
 
@@ -52,11 +53,7 @@ def metrics(out: Path) -> list[dict]:
 
 
 def test_pt_with_moe_losses_and_mtp_loss_falls(tmp_path, tiny_moe):
-    config = Ernie45Config.from_file(tiny_moe)
-    config.num_nextn_predict_layers = 1
-    model = build_empty_model(config, torch.float32, num_mtp_layers=1)
-    model.init_weights(torch.Generator().manual_seed(3))
-    mtp_dir = save_model(model, tmp_path / "mtp", tokenizer=load_tokenizer(tiny_moe))
+    mtp_dir = init_checkpoint(Ernie45Config.from_file(tiny_moe), tiny_moe, tmp_path / "mtp", seed=3, num_mtp_layers=1)
     out = tmp_path / "run"
     cfg = make_config(mtp_dir, out, pt_text(tmp_path / "pt.jsonl"), stage="PT", train_dataset_type="text",
                       moe_aux_loss_lambda=0.01, moe_z_loss_lambda=0.001, moe_orthogonal_loss_lambda=0.01,
@@ -122,8 +119,12 @@ def test_sft_lora_peft_round_trip_and_merge_export(tmp_path, tiny_dense):
 
     merged = tmp_path / "merged"
     assert main(["export", "--merge-lora", str(out), "--output", str(merged), "--base", str(tiny_dense)]) == 0
+    export_yaml = tmp_path / "run_export.yaml"
+    export_yaml.write_text(f"model_name_or_path: {tiny_dense}\noutput_dir: {out}\n")
+    assert main(["export", str(export_yaml), "lora=True"]) == 0  # ERNIEKit style: output_dir/export
     with torch.no_grad():
         torch.testing.assert_close(load_model(merged, dtype="float32")(ids), ours_logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(load_model(out / "export", dtype="float32")(ids), ours_logits, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("fine_tuning", ["Full", "LoRA"])
@@ -131,12 +132,24 @@ def test_dpo_raises_chosen_minus_rejected_margin(tmp_path, tiny_moe, fine_tuning
     data = dpo_erniekit(tmp_path / "dpo.jsonl")
     out = tmp_path / "run"
     train(make_config(tiny_moe, out, data, stage="DPO", fine_tuning=fine_tuning, learning_rate=2e-3, beta=0.1,
-                      sft_loss_ratio=0.1, max_steps=6))
+                      sft_loss_ratio=0.1, max_steps=6, lora_target_modules="q_proj,k_proj,v_proj,o_proj"))
     rec = metrics(out)
     assert rec[-1]["rewards_margin"] > rec[0]["rewards_margin"]
     assert {"dpo_loss", "sft_loss", "rewards_accuracy"} <= set(rec[-1])
     if fine_tuning == "Full":
         assert dpo_margin(out, data) > dpo_margin(tiny_moe, data) + 1.0
+        return
+    # a MoE adapter on the attention projections round-trips through peft on transformers' MoE model
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    hf = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_moe, dtype=torch.float32), out).eval()
+    ours = load_model(tiny_moe, dtype="float32")
+    load_adapter(ours, out)
+    ids = torch.randint(5, 500, (2, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert not torch.allclose(ours(ids), load_model(tiny_moe, dtype="float32")(ids), atol=1e-3)
+        torch.testing.assert_close(hf(input_ids=ids).logits, ours(ids), rtol=1e-4, atol=1e-4)
 
 
 def test_resume_reproduces_the_uninterrupted_loss_curve(tmp_path, tiny_moe):

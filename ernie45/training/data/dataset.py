@@ -39,6 +39,8 @@ class TrainData:
         self.pad_id = pad_id
         self.world = world_size
         self.stats = ReadStats()
+        if not split_list(cfg.train_dataset_path):
+            raise ValueError("train_dataset_path: required for training (comma-separated data files)")
         self.sources = load_units(split_list(cfg.train_dataset_path), cfg.dataset_types, cfg.stage, encoder,
                                   cfg.skip_bad_lines, self.stats)
         self.probs = cfg.dataset_probs
