@@ -147,6 +147,13 @@ class Ernie45VLConfig:
         if any(not 0 <= i < self.text.vocab_size for i in ids):
             raise ValueError(f"config.json: multimodal token ids {ids} must lie in [0, vocab_size={self.text.vocab_size})")
 
+    def __getattr__(self, name: str):
+        # Language-model settings (vocab_size, num_hidden_layers, eos_token_ids, ...) read through to `text`, so the
+        # engine and the generation helpers size caches and stop ids from a VL config as from a text one.
+        if name.startswith("__") or name in ("text", "vision"):
+            raise AttributeError(name)
+        return getattr(self.text, name)
+
     @property
     def tie_word_embeddings(self) -> bool:
         return self.text.tie_word_embeddings
