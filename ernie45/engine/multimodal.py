@@ -76,3 +76,46 @@ def prepare_multimodal(model, image_processor, video_processor, token_ids: list[
         media=media, positions_3T=positions[:, 0], rope_delta=int(delta[0, 0]), rows_T=rows,
         moe_types_T=token_types(ids, config.vision_token_ids)[0], content_hash=digest.digest(),
     )
+
+
+def split_content_parts(conversation: list[dict], config, tokenizer) -> tuple[list[dict], dict]:
+    """OpenAI-style content parts -> (messages with text content, {"image": [...], "video": [...]}).
+
+    Images become `Picture N:<|IMAGE_START|><|IMAGE_PLACEHOLDER|><|IMAGE_END|>` and videos
+    `Video N:<|VIDEO_START|>...<|VIDEO_END|>` (numbered per conversation, as the VL chat template does), spelled
+    with the tokenizer's own tokens for the config's ids. Parts: {"type": "text"}, {"type": "image_url", "image_url":
+    {"url": ...}} / {"type": "video_url", "video_url": {"url": ...}} (URL, path or data: URI) or {"type": "image",
+    "image": PIL image or path} / {"type": "video", "video": frames or path}."""
+    def token(token_id: int) -> str:
+        text = tokenizer.convert_ids_to_tokens(token_id)
+        if not text:
+            raise ValueError(f"the tokenizer has no token for id {token_id} (VL special token from config.json)")
+        return text
+
+    image = token(config.image_start_token_id) + token(config.image_token_id) + token(config.image_end_token_id)
+    video = token(config.video_start_token_id) + token(config.video_token_id) + token(config.video_end_token_id)
+    data: dict[str, list] = {"image": [], "video": []}
+    messages = []
+    for message in conversation:
+        content = message.get("content")
+        if not isinstance(content, list):
+            messages.append(message)
+            continue
+        pieces = []
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                pieces.append(part.get("text", ""))
+            elif kind in ("image_url", "image", "video_url", "video"):
+                media = "image" if kind.startswith("image") else "video"
+                value = part.get(kind)
+                source = value.get("url") if isinstance(value, dict) else value
+                if source is None:
+                    raise ValueError(f"a {kind} content part needs a source ({kind}: {{'url': ...}})")
+                data[media].append(source)
+                label = "Picture" if media == "image" else "Video"
+                pieces.append(f"{label} {len(data[media])}:" + (image if media == "image" else video))
+            else:
+                raise ValueError(f"unsupported content part type {kind!r} (text, image_url, video_url, image, video)")
+        messages.append({**message, "content": "".join(pieces)})
+    return messages, {k: v for k, v in data.items() if v}
