@@ -90,7 +90,8 @@ class LLMEngine:
 
     # ------------------------------------------------------------------------------------------- requests
     def tokenize_prompt(self, prompt) -> tuple[str | None, list[int]]:
-        """A prompt is a string or {"prompt_token_ids": [...]} (or {"prompt": str})."""
+        """A prompt is a string or {"prompt_token_ids": [...]} (or {"prompt": str}); VL prompts add
+        "multi_modal_data" (raw media) or "multi_modal_inputs" (from `prepare_multimodal`, ids already expanded)."""
         if isinstance(prompt, str):
             return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
@@ -126,10 +127,11 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         params.verify_token_ids(self.model.config.vocab_size)
         text, ids = self.validate_prompt(prompt)
-        mm = None
+        mm = prompt.get("multi_modal_inputs") if isinstance(prompt, dict) else None
         data = prompt.get("multi_modal_data") if isinstance(prompt, dict) else None
-        if data:
-            ids, mm = self._prepare_multimodal(ids, data)
+        if data and mm is None:
+            ids, mm = self.prepare_multimodal(ids, data)
+        if mm is not None:
             extra_keys = (*extra_keys, mm.content_hash)
         arrival = arrival_time if arrival_time is not None else time.time()
         in_reasoning = self._prompt_ends_in_reasoning(ids)
@@ -157,8 +159,10 @@ class LLMEngine:
         self.num_prompt_tokens_total += len(ids)
         return group
 
-    def _prepare_multimodal(self, ids: list[int], data: dict) -> tuple[list[int], MultimodalInputs]:
-        """Expand a VL prompt's placeholders and process its media (processors read from the checkpoint)."""
+    def prepare_multimodal(self, ids: list[int], data: dict) -> tuple[list[int], MultimodalInputs]:
+        """Expand a VL prompt's placeholders and process its media (processors read from the checkpoint). Safe from
+        any thread (no engine state, no vision encoding): a server runs it before admitting the request, and then
+        passes {"prompt_token_ids": expanded ids, "multi_modal_inputs": mm}."""
         if not isinstance(self.model, Ernie45VLForConditionalGeneration):
             raise ValueError("multi_modal_data needs a VL model (model_type ernie4_5_vl_moe)")
         from ..processing import ImageProcessor, VideoProcessor, load_processors  # needs pillow: the `vl` extra

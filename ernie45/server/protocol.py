@@ -112,9 +112,27 @@ class TextPart(_Body):
     text: Str
 
 
+class MediaURL(_Body):
+    url: Str
+    """http(s) URL, data: URI (base64) or a path the server can read."""
+
+
+class ImagePart(_Body):
+    type: Literal["image_url"]
+    image_url: MediaURL
+
+
+class VideoPart(_Body):
+    type: Literal["video_url"]
+    video_url: MediaURL
+
+
+ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
+
+
 class ChatMessage(_Body):
     role: Literal["system", "user", "assistant", "tool"]
-    content: Str | list[TextPart] | None = None
+    content: Str | list[ContentPart] | None = None
     name: Str | None = None
     reasoning_content: Str | None = None
     tool_calls: list[dict[str, Any]] | None = None

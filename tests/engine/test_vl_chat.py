@@ -3,7 +3,6 @@ from data: URIs and paths, and the same tokens as the plain model on the same pr
 
 import base64
 import io
-import json
 
 import numpy as np
 import pytest
@@ -13,27 +12,12 @@ import ernie45
 from ernie45 import LLM, SamplingParams
 from ernie45.generation.generate_vl import generate_vl
 from ernie45.processing import expand_placeholders, load_processors
-from ernie45.tokenizer.testing import build_tiny_sentencepiece_tokenizer
-from tests.models.hf_vl_reference import build_hf_vl_model
-
-VL_TOKENS = ("<|IMAGE_PLACEHOLDER|>", "<|AUDIO_PLACEHOLDER|>", "<|IMAGE_START|>", "<|IMAGE_END|>", "<|VIDEO_START|>",
-             "<|VIDEO_END|>", "<|VIDEO_PLACEHOLDER|>")
+from tests.tiny_checkpoint import make_tiny_vl_checkpoint
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("vlchat") / "ckpt"
-    build_tiny_sentencepiece_tokenizer(path, extra_added_tokens=VL_TOKENS)
-    base = json.loads((path / "added_tokens.json").read_text())
-    ids = {name: base[token] for name, token in (
-        ("image_token_id", "<|IMAGE_PLACEHOLDER|>"), ("image_start_token_id", "<|IMAGE_START|>"),
-        ("image_end_token_id", "<|IMAGE_END|>"), ("video_start_token_id", "<|VIDEO_START|>"),
-        ("video_end_token_id", "<|VIDEO_END|>"), ("video_token_id", "<|VIDEO_PLACEHOLDER|>"))}
-    build_hf_vl_model(seed=9, text={"vocab_size": 640}, **ids).save_pretrained(path)
-    (path / "video_preprocessor_config.json").write_text(
-        json.dumps({"min_pixels": 56 * 56, "max_pixels": 28 * 28 * 8, "draw_on_frames": False})
-    )
-    return path
+    return make_tiny_vl_checkpoint(tmp_path_factory.mktemp("vlchat") / "ckpt")
 
 
 def png_data_uri(seed: int) -> str:
