@@ -12,6 +12,7 @@ import jinja2
 
 from ..engine.async_llm import AsyncLLM, EngineDeadError
 from ..engine.multimodal import split_content_parts
+from ..models.ernie45_vl import Ernie45VLForConditionalGeneration
 from ..engine.outputs import RequestOutput
 from ..engine.sampling_params import SamplingParams
 from ..tokenizer import ReasoningParser
@@ -125,6 +126,9 @@ class ServingContext:
         kinds = [p.get("type") for m in plain if isinstance(m.get("content"), list) for p in m["content"]]
         if not any(kind in ("image_url", "video_url") for kind in kinds):
             return list(messages), {}
+        if not isinstance(self.engine.model, Ernie45VLForConditionalGeneration):
+            raise bad_request("image and video content parts need a VL model; this server serves a text model",
+                              param="messages", code="unsupported_content")
         for media, limit in self.media_limits.items():
             count = kinds.count(f"{media}_url")
             if count > limit:
