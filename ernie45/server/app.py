@@ -20,7 +20,10 @@ from .completions import create_completion
 from .context import ServingContext
 from .errors import APIError, bad_request, install_error_handlers
 from .middleware import RequestContextMiddleware, request_info
-from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from ..models.ernie45_vl import Ernie45VLForConditionalGeneration
+from .protocol import (
+    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, VLChatCompletionRequest,
+)
 
 
 def _api_key_check(api_key: str | None):
@@ -64,9 +67,15 @@ def build_app(front: AsyncLLM, tokenizer, served_model_name: str, api_key: str |
             "root": model_root or served_model_name, "parent": None, "max_model_len": ctx.max_model_len,
         }]}
 
-    @api.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        return await create_chat_completion(ctx, body, request_info(request), request.receive)
+    if isinstance(front.engine.model, Ernie45VLForConditionalGeneration):
+        # A VL model's schema accepts image / video parts; a text model's keeps rejecting them at validation.
+        @api.post("/v1/chat/completions", response_model=None)
+        async def chat_completions(body: VLChatCompletionRequest, request: Request) -> Response:
+            return await create_chat_completion(ctx, body, request_info(request), request.receive)
+    else:
+        @api.post("/v1/chat/completions", response_model=None)
+        async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+            return await create_chat_completion(ctx, body, request_info(request), request.receive)
 
     @api.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Response:

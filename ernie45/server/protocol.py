@@ -132,7 +132,7 @@ ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="t
 
 class ChatMessage(_Body):
     role: Literal["system", "user", "assistant", "tool"]
-    content: Str | list[ContentPart] | None = None
+    content: Str | list[TextPart] | None = None
     name: Str | None = None
     reasoning_content: Str | None = None
     tool_calls: list[dict[str, Any]] | None = None
@@ -175,3 +175,15 @@ class TokenizeRequest(_Request):
 class DetokenizeRequest(_Request):
     model: Str | None = None
     tokens: TokenIds
+
+
+class VLChatMessage(ChatMessage):
+    """A chat message of a VL model's server: content parts may be images and videos too."""
+
+    content: Str | list[ContentPart] | None = None
+
+
+class VLChatCompletionRequest(ChatCompletionRequest):
+    """/v1/chat/completions of a VL model (its OpenAPI schema offers image_url / video_url parts)."""
+
+    messages: Annotated[list[VLChatMessage], Field(min_length=1)]
