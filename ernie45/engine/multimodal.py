@@ -62,8 +62,9 @@ def prepare_multimodal(model, image_processor, video_processor, token_ids: list[
     config = model.config
     inputs = expand_placeholders(token_ids, config, media.get("image_grid_thw"), media.get("video_grid_thw"))
     ids = inputs["input_ids"]
-    positions, delta = model.positions(ids, media.get("image_grid_thw"), media.get("video_grid_thw"),
-                                       inputs["mm_token_type_ids"])
+    positions, delta = model.positions(
+        ids, media.get("image_grid_thw"), media.get("video_grid_thw"), inputs["mm_token_type_ids"]
+    )
     is_image, is_video = ids[0] == config.image_token_id, ids[0] == config.video_token_id
     rows = torch.full_like(ids[0], -1)
     rows[is_image] = torch.arange(int(is_image.sum()))
@@ -73,8 +74,12 @@ def prepare_multimodal(model, image_processor, video_processor, token_ids: list[
         digest.update(key.encode())
         digest.update(media[key].contiguous().numpy().tobytes())
     return ids[0].tolist(), MultimodalInputs(
-        media=media, positions_3T=positions[:, 0], rope_delta=int(delta[0, 0]), rows_T=rows,
-        moe_types_T=token_types(ids, config.vision_token_ids)[0], content_hash=digest.digest(),
+        media=media,
+        positions_3T=positions[:, 0],
+        rope_delta=int(delta[0, 0]),
+        rows_T=rows,
+        moe_types_T=token_types(ids, config.vision_token_ids)[0],
+        content_hash=digest.digest(),
     )
 
 
@@ -86,6 +91,7 @@ def split_content_parts(conversation: list[dict], config, tokenizer) -> tuple[li
     with the tokenizer's own tokens for the config's ids. Parts: {"type": "text"}, {"type": "image_url", "image_url":
     {"url": ...}} / {"type": "video_url", "video_url": {"url": ...}} (URL, path or data: URI) or {"type": "image",
     "image": PIL image or path} / {"type": "video", "video": frames or path}."""
+
     def token(token_id: int) -> str:
         text = tokenizer.convert_ids_to_tokens(token_id)
         if not text:

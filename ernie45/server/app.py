@@ -15,14 +15,18 @@ from starlette.responses import Response
 
 from .. import __version__
 from ..engine.async_llm import AsyncLLM
+from ..models.ernie45_vl import Ernie45VLForConditionalGeneration
 from .chat import create_chat_completion
 from .completions import create_completion
 from .context import ServingContext
 from .errors import APIError, bad_request, install_error_handlers
 from .middleware import RequestContextMiddleware, request_info
-from ..models.ernie45_vl import Ernie45VLForConditionalGeneration
 from .protocol import (
-    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, VLChatCompletionRequest,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    VLChatCompletionRequest,
 )
 
 

@@ -12,9 +12,9 @@ import jinja2
 
 from ..engine.async_llm import AsyncLLM, EngineDeadError
 from ..engine.multimodal import split_content_parts
-from ..models.ernie45_vl import Ernie45VLForConditionalGeneration
 from ..engine.outputs import RequestOutput
 from ..engine.sampling_params import SamplingParams
+from ..models.ernie45_vl import Ernie45VLForConditionalGeneration
 from ..tokenizer import ReasoningParser
 from .errors import APIError, bad_request
 from .metrics import ServerMetrics

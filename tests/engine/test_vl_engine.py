@@ -5,7 +5,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import ernie45
@@ -14,7 +13,13 @@ from ernie45.generation.generate_vl import generate_vl
 from ernie45.processing import expand_placeholders, load_processors
 from ernie45.tokenizer.testing import build_tiny_sentencepiece_tokenizer
 from tests.models.hf_vl_reference import (
-    IMAGE, IMAGE_END, IMAGE_START, VIDEO, VIDEO_END, VIDEO_START, build_hf_vl_model,
+    IMAGE,
+    IMAGE_END,
+    IMAGE_START,
+    VIDEO,
+    VIDEO_END,
+    VIDEO_START,
+    build_hf_vl_model,
 )
 
 MAX_TOKENS = 8
@@ -41,8 +46,15 @@ def video(seed):
 def prompt(seed):
     rng = np.random.default_rng(seed)
     text = lambda n: rng.integers(3, IMAGE, n).tolist()  # noqa: E731
-    return (text(5) + [IMAGE_START, IMAGE, IMAGE_END] + text(3) + [VIDEO_START, VIDEO, VIDEO_END] + text(4)
-            + [IMAGE_START, IMAGE, IMAGE_END] + text(2))
+    return (
+        text(5)
+        + [IMAGE_START, IMAGE, IMAGE_END]
+        + text(3)
+        + [VIDEO_START, VIDEO, VIDEO_END]
+        + text(4)
+        + [IMAGE_START, IMAGE, IMAGE_END]
+        + text(2)
+    )
 
 
 def reference(model, ids, images, videos):
@@ -50,7 +62,7 @@ def reference(model, ids, images, videos):
     media = {**image_processor(images), **video_processor(videos)}
     inputs = expand_placeholders(ids, model.config, media["image_grid_thw"], media["video_grid_thw"])
     out = generate_vl(model, inputs["input_ids"], max_new_tokens=MAX_TOKENS, **media)
-    return out[0, inputs["input_ids"].shape[1]:].tolist()
+    return out[0, inputs["input_ids"].shape[1] :].tolist()
 
 
 def run(engine, requests):
@@ -71,15 +83,18 @@ def test_greedy_equals_plain_model(vl, budget):
     model, tokenizer = vl
     engine = LLMEngine(model, tokenizer, EngineConfig(max_num_batched_tokens=budget))
     requests = {
-        str(i): {"prompt_token_ids": prompt(i), "multi_modal_data": {"image": [image(i), image(i + 10, 84, 56)],
-                                                                     "video": [video(i)]}}
+        str(i): {
+            "prompt_token_ids": prompt(i),
+            "multi_modal_data": {"image": [image(i), image(i + 10, 84, 56)], "video": [video(i)]},
+        }
         for i in range(2)
     }
     results = run(engine, requests)
     for rid, request in requests.items():
         data = request["multi_modal_data"]
-        assert results[rid].outputs[0].token_ids == reference(model, request["prompt_token_ids"], data["image"],
-                                                               data["video"])
+        assert results[rid].outputs[0].token_ids == reference(
+            model, request["prompt_token_ids"], data["image"], data["video"]
+        )
     assert engine.block_manager.num_free_blocks == engine.num_kv_blocks
 
 
@@ -89,8 +104,15 @@ def test_vision_encoded_once_per_request(vl, monkeypatch):
     calls = []
     original = model.get_image_features
     monkeypatch.setattr(model, "get_image_features", lambda *a: calls.append(1) or original(*a))
-    run(engine, {"a": {"prompt_token_ids": prompt(0), "multi_modal_data": {"image": [image(0), image(1)],
-                                                                            "video": [video(0)]}}})
+    run(
+        engine,
+        {
+            "a": {
+                "prompt_token_ids": prompt(0),
+                "multi_modal_data": {"image": [image(0), image(1)], "video": [video(0)]},
+            }
+        },
+    )
     assert len(calls) == 2  # one call for the images, one for the video, across all prefill chunks
 
 

@@ -15,7 +15,9 @@ from .hf_vl_reference import build_hf_vl_model, mm_prompt
 CASES = {
     "base": ({}, {}, {}),
     "untied_no_shared_all_sparse": (
-        dict(moe_num_shared_experts=0, mlp_layer_types=["sparse"] * 3), dict(depth=1), dict(tie_word_embeddings=False),
+        dict(moe_num_shared_experts=0, mlp_layer_types=["sparse"] * 3),
+        dict(depth=1),
+        dict(tie_word_embeddings=False),
     ),
 }
 
@@ -95,9 +97,15 @@ def test_greedy_tokens_match(pair):
     hf_model.generation_config.eos_token_id = None
     with torch.no_grad():
         ref = hf_model.generate(**inputs, max_new_tokens=16, do_sample=False, pad_token_id=0)
-    got = generate_vl(ours, inputs["input_ids"], max_new_tokens=16, pixel_values=inputs["pixel_values"],
-                      image_grid_thw=inputs["image_grid_thw"], pixel_values_videos=inputs["pixel_values_videos"],
-                      video_grid_thw=inputs["video_grid_thw"])
+    got = generate_vl(
+        ours,
+        inputs["input_ids"],
+        max_new_tokens=16,
+        pixel_values=inputs["pixel_values"],
+        image_grid_thw=inputs["image_grid_thw"],
+        pixel_values_videos=inputs["pixel_values_videos"],
+        video_grid_thw=inputs["video_grid_thw"],
+    )
     assert torch.equal(got, ref)
 
 

@@ -33,8 +33,10 @@ def png_uri(h=56, w=84, seed=0) -> str:
 
 def huge_png_uri(side=9000) -> str:
     """A PNG whose header claims side x side pixels (refused before decoding)."""
+
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
     data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
     return "data:image/png;base64," + base64.b64encode(data).decode()
@@ -42,8 +44,9 @@ def huge_png_uri(side=9000) -> str:
 
 def ask(client, *urls, text="What is in the picture?", **kwargs):
     parts = [{"type": "image_url", "image_url": {"url": url}} for url in urls] + [{"type": "text", "text": text}]
-    return client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": parts}],
-                                          max_tokens=5, temperature=0, **kwargs)
+    return client.chat.completions.create(
+        model=MODEL_NAME, messages=[{"role": "user", "content": parts}], max_tokens=5, temperature=0, **kwargs
+    )
 
 
 def test_openai_client_sends_a_png(vl_client):
@@ -61,11 +64,14 @@ def test_openai_client_sends_a_png(vl_client):
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == response.choices[0].message.content
 
 
-@pytest.mark.parametrize("url, message", [
-    ("data:image/png;base64," + base64.b64encode(b"not a png").decode(), "not a decodable image"),
-    ("data:image/png;base64,@@", "base64"),
-    (huge_png_uri(), "exceeds the limit"),
-])
+@pytest.mark.parametrize(
+    "url, message",
+    [
+        ("data:image/png;base64," + base64.b64encode(b"not a png").decode(), "not a decodable image"),
+        ("data:image/png;base64,@@", "base64"),
+        (huge_png_uri(), "exceeds the limit"),
+    ],
+)
 def test_bad_image_is_400(vl_client, url, message):
     with pytest.raises(openai.BadRequestError, match=message):
         ask(vl_client, url)
