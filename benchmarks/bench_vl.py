@@ -25,21 +25,47 @@ import ernie45
 from ernie45.generation.generate_vl import generate_vl
 from ernie45.processing import ImageProcessor, expand_placeholders
 
-TOKENS = dict(image_token_id=100, image_start_token_id=101, image_end_token_id=102, video_start_token_id=103,
-              video_end_token_id=104, video_token_id=105)
+TOKENS = dict(
+    image_token_id=100,
+    image_start_token_id=101,
+    image_end_token_id=102,
+    video_start_token_id=103,
+    video_end_token_id=104,
+    video_token_id=105,
+)
 CONFIGS = {
     "tiny": (
-        dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-             num_key_value_heads=2, moe_intermediate_size=[32, 16], moe_num_experts=4, moe_k=2, moe_num_shared_experts=1,
-             mlp_layer_types=["dense", "sparse", "sparse"],
-             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [3, 3, 2]}),
+        dict(
+            vocab_size=128,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            moe_intermediate_size=[32, 16],
+            moe_num_experts=4,
+            moe_k=2,
+            moe_num_shared_experts=1,
+            mlp_layer_types=["dense", "sparse", "sparse"],
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [3, 3, 2]},
+        ),
         dict(depth=2, hidden_size=32, num_heads=2, intermediate_size=64),
     ),
     "mid": (
-        dict(vocab_size=32000, hidden_size=1024, intermediate_size=3072, num_hidden_layers=6, num_attention_heads=8,
-             num_key_value_heads=2, moe_intermediate_size=[512, 256], moe_num_experts=16, moe_k=4,
-             moe_num_shared_experts=2, mlp_layer_types=["dense"] + ["sparse"] * 5,
-             rope_parameters={"rope_type": "default", "rope_theta": 500000.0, "mrope_section": [22, 22, 20]}),
+        dict(
+            vocab_size=32000,
+            hidden_size=1024,
+            intermediate_size=3072,
+            num_hidden_layers=6,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            moe_intermediate_size=[512, 256],
+            moe_num_experts=16,
+            moe_k=4,
+            moe_num_shared_experts=2,
+            mlp_layer_types=["dense"] + ["sparse"] * 5,
+            rope_parameters={"rope_type": "default", "rope_theta": 500000.0, "mrope_section": [22, 22, 20]},
+        ),
         dict(depth=8, hidden_size=640, num_heads=8, intermediate_size=2560),
     ),
 }
@@ -102,7 +128,9 @@ def main() -> None:
                 "preprocess_hf_s": timed(lambda: hf_proc(image, return_tensors="pt"), args.repeats),
                 "vision_ours_s": timed(lambda: ours.get_image_features(pixels, grid), args.repeats),
                 "vision_hf_s": timed(lambda: hf.model.get_image_features(pixels, grid), args.repeats),
-                "ttft_ours_s": timed(lambda: generate_vl(ours, mm["input_ids"], max_new_tokens=1, **media), args.repeats),
+                "ttft_ours_s": timed(
+                    lambda: generate_vl(ours, mm["input_ids"], max_new_tokens=1, **media), args.repeats
+                ),
                 "ttft_hf_s": timed(
                     lambda: hf.generate(**mm, max_new_tokens=1, do_sample=False, pad_token_id=0), args.repeats
                 ),
@@ -111,15 +139,19 @@ def main() -> None:
             row[f"{stage}_speedup"] = row[f"{stage}_hf_s"] / row[f"{stage}_ours_s"]
         rows.append(row)
 
-    print(f"ERNIE 4.5 VL ({args.config} config, random weights, float32), {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"ERNIE 4.5 VL ({args.config} config, random weights, float32), {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads"
+    )
     header = f"{'image':>10} {'patches':>8} {'tokens':>7} | {'stage':>10} {'ours ms':>9} {'hf ms':>9} {'hf/ours':>8}"
     print(header)
     print("-" * len(header))
     for row in rows:
         for stage in ("preprocess", "vision", "ttft"):
-            print(f"{row['size']:>10} {row['patches']:>8} {row['prompt_tokens']:>7} | {stage:>10} "
-                  f"{row[f'{stage}_ours_s'] * 1e3:9.1f} {row[f'{stage}_hf_s'] * 1e3:9.1f} {row[f'{stage}_speedup']:8.2f}")
+            print(
+                f"{row['size']:>10} {row['patches']:>8} {row['prompt_tokens']:>7} | {stage:>10} "
+                f"{row[f'{stage}_ours_s'] * 1e3:9.1f} {row[f'{stage}_hf_s'] * 1e3:9.1f} {row[f'{stage}_speedup']:8.2f}"
+            )
     print(json.dumps({"bench": "vl", "config": args.config, "threads": torch.get_num_threads(), "results": rows}))
 
 

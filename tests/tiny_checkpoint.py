@@ -25,3 +25,27 @@ def make_tiny_checkpoint(out_dir: Path, seed: int = 0, moe: bool = True) -> Path
     model.init_weights(torch.Generator().manual_seed(seed))
     ernie45.save_model(model, out_dir, tokenizer=tokenizer)
     return out_dir
+
+
+VL_TOKENS = ("<|IMAGE_PLACEHOLDER|>", "<|AUDIO_PLACEHOLDER|>", "<|IMAGE_START|>", "<|IMAGE_END|>", "<|VIDEO_START|>",
+             "<|VIDEO_END|>", "<|VIDEO_PLACEHOLDER|>")
+
+
+def make_tiny_vl_checkpoint(out_dir: Path, seed: int = 9) -> Path:
+    """A tiny ERNIE 4.5 VL checkpoint (transformers-written, random weights) with a tiny tokenizer whose VL special
+    tokens carry the config's ids, and small video preprocessing sizes."""
+    import json
+
+    from .models.hf_vl_reference import build_hf_vl_model
+
+    build_tiny_sentencepiece_tokenizer(out_dir, extra_added_tokens=VL_TOKENS)
+    added = json.loads((out_dir / "added_tokens.json").read_text())
+    ids = {name: added[token] for name, token in (
+        ("image_token_id", "<|IMAGE_PLACEHOLDER|>"), ("image_start_token_id", "<|IMAGE_START|>"),
+        ("image_end_token_id", "<|IMAGE_END|>"), ("video_start_token_id", "<|VIDEO_START|>"),
+        ("video_end_token_id", "<|VIDEO_END|>"), ("video_token_id", "<|VIDEO_PLACEHOLDER|>"))}
+    build_hf_vl_model(seed=seed, text={"vocab_size": 640}, **ids).save_pretrained(out_dir)
+    (out_dir / "video_preprocessor_config.json").write_text(
+        json.dumps({"min_pixels": 56 * 56, "max_pixels": 28 * 28 * 8, "draw_on_frames": False})
+    )
+    return out_dir

@@ -55,11 +55,15 @@ def targets_of(name: str, num_experts: int) -> list[Target]:
         return [Target(f"{m.group(1)}.moe_statics.{m.group(2)}")]
     if m := _RESAMPLER.match(name):
         return [Target(f"{m.group(1)}.{_RESAMPLER_NUM[m.group(2)]}.{m.group(3)}")]
-    for old, new in (("model.vision_model.", "model.vision_tower."), ("vision_model.", "model.vision_tower."),
-                     ("model.embed_tokens.", "model.language_model.embed_tokens."),
-                     ("model.layers.", "model.language_model.layers."), ("model.norm.", "model.language_model.norm.")):
+    for old, new in (
+        ("model.vision_model.", "model.vision_tower."),
+        ("vision_model.", "model.vision_tower."),
+        ("model.embed_tokens.", "model.language_model.embed_tokens."),
+        ("model.layers.", "model.language_model.layers."),
+        ("model.norm.", "model.language_model.norm."),
+    ):
         if name.startswith(old):
-            return [Target(new + name[len(old):])]
+            return [Target(new + name[len(old) :])]
     return [Target(name)]
 
 
@@ -78,7 +82,7 @@ def released_state_dict(named_params: Iterator[tuple[str, torch.Tensor]], num_ex
     for name, param in named_params:
         for old, new in (("model.language_model.", "model."), ("model.vision_tower.", "model.vision_model.")):
             if name.startswith(old):
-                name = new + name[len(old):]
+                name = new + name[len(old) :]
         if m := re.match(r"^(model\.layers\.\d+\.mlp)\.(text|vision)_moe\.(.+)$", name):
             prefix, vision, rest = m.group(1), m.group(2) == "vision", m.group(3)
             if rest == "gate.weight":

@@ -99,7 +99,14 @@ def load_model(
     """Load a local checkpoint directory or hub id in eval mode: an `Ernie45ForCausalLM` for the text model types,
     an `Ernie45VLForConditionalGeneration` for `ernie4_5_vl_moe` (chosen by config.json's model_type)."""
     directory = resolve_model_path(model)
-    if read_model_type(directory) in VL_MODEL_TYPES:
+    model_type = read_model_type(directory)
+    if model_type == "ernie4_5_moe_vl":
+        raise ValueError(
+            f"{directory}: config.json has the original remote-code VL format (model_type 'ernie4_5_moe_vl'); ernie45 "
+            "reads transformers' format (model_type 'ernie4_5_vl_moe' with text_config / vision_config): load the "
+            "checkpoint with transformers >= 5 and save_pretrained it, or use a checkpoint revision that ships it"
+        )
+    if model_type in VL_MODEL_TYPES:
         from .vl_loader import load_vl_model
 
         return load_vl_model(directory, dtype, device)

@@ -34,7 +34,8 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.floa
 
 
 def released_state_dict(model: Ernie45ForCausalLM | Ernie45VLForConditionalGeneration, layout: str = "released"):
-    """Tensor name -> tensor in the released layout, or (VL models) transformers' in-memory layout; tied head omitted."""
+    """Tensor name -> tensor in the released layout, or (VL models) transformers' in-memory layout; tied head
+    omitted."""
     if layout not in hf_layout_vl.LAYOUTS:
         raise ValueError(f"layout {layout!r} is not one of {', '.join(hf_layout_vl.LAYOUTS)}")
     params = [

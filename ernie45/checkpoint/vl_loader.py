@@ -30,7 +30,9 @@ def build_empty_vl_model(
     model.tie_weights()
     # Non-persistent buffers are not in checkpoints: recompute them on the real device.
     text = config.text
-    model.model.language_model.rotary_emb = MRotaryEmbedding(text.head_dim, text.rope_theta, config.mrope_section).to(device)
+    model.model.language_model.rotary_emb = MRotaryEmbedding(text.head_dim, text.rope_theta, config.mrope_section).to(
+        device
+    )
     model.model.vision_tower.inv_freq = VisionTransformer.compute_inv_freq(config.vision).to(device)
     return model
 

@@ -55,7 +55,10 @@ class AsyncLLM:
         request_id = request_id or f"req-{next(self._ids)}"
         subscriber = _Subscriber(asyncio.get_running_loop(), asyncio.Queue())
         self._subscribers[request_id] = subscriber
-        self._send(("add", request_id, {"prompt_token_ids": ids, "prompt": text}, params, extra_keys))
+        engine_prompt = {"prompt_token_ids": ids, "prompt": text}
+        if isinstance(prompt, dict):  # VL media travel with the prompt
+            engine_prompt.update({k: prompt[k] for k in ("multi_modal_data", "multi_modal_inputs") if prompt.get(k)})
+        self._send(("add", request_id, engine_prompt, params, extra_keys))
         finished = False
         try:
             while True:

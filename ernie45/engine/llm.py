@@ -10,6 +10,7 @@ from ..default_model import resolve_model_argument
 from ..tokenizer import ReasoningParser, load_tokenizer
 from .engine_config import EngineConfig
 from .llm_engine import LLMEngine
+from .multimodal import split_content_parts
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 
@@ -44,7 +45,9 @@ class LLM:
 
     def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
-        """prompts: a string, {"prompt_token_ids": [...]}, or a list of them; outputs come back in input order."""
+        """prompts: a string, {"prompt_token_ids": [...]} or {"prompt": str}, or a list of them; outputs come back
+        in input order. VL models: a dict prompt may carry "multi_modal_data": {"image": [...], "video": [...]},
+        one placeholder token per item in the prompt."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -65,14 +68,20 @@ class LLM:
              use_tqdm: bool = True, chat_template_kwargs: dict | None = None,
              add_generation_prompt: bool = True) -> list[RequestOutput]:
         """messages: one conversation (list of {"role", "content"}) or a list of conversations. The thinking part
-        of each output is split into `outputs[i].reasoning_content`; `text` keeps the answer."""
+        of each output is split into `outputs[i].reasoning_content`; `text` keeps the answer. With a VL model,
+        content may be a list of OpenAI-style parts (text, image_url, video_url; see `split_content_parts`)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         kwargs = chat_template_kwargs or {}
-        prompts = [
-            self.tokenizer.apply_chat_template(conv, add_generation_prompt=add_generation_prompt, **kwargs)
-            for conv in conversations
-        ]
-        outputs = self.generate(prompts, sampling_params, use_tqdm)
+        prompts, requests = [], []
+        for conv in conversations:
+            data = {}
+            if any(isinstance(m.get("content"), list) for m in conv):
+                # VL: content parts become numbered placeholders; the media travel with the prompt
+                conv, data = split_content_parts(conv, self.engine.model.config, self.tokenizer)
+            prompt = self.tokenizer.apply_chat_template(conv, add_generation_prompt=add_generation_prompt, **kwargs)
+            prompts.append(prompt)
+            requests.append({"prompt": prompt, "multi_modal_data": data} if data else prompt)
+        outputs = self.generate(requests, sampling_params, use_tqdm)
         parser = ReasoningParser()
         for prompt, output in zip(prompts, outputs):
             starts_in_reasoning = parser.prompt_ends_in_reasoning(prompt)

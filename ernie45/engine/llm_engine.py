@@ -13,9 +13,11 @@ import torch
 
 from ..generation.text import stop_ids_for
 from ..models.ernie45 import Ernie45ForCausalLM
+from ..models.ernie45_vl import Ernie45VLForConditionalGeneration
 from .block_manager import BlockManager
 from .engine_config import DEFAULT_KV_CACHE_MEMORY, DEFAULT_MAX_MODEL_LEN, EngineConfig
 from .model_runner import ModelRunner
+from .multimodal import MultimodalInputs, prepare_multimodal
 from .outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from .paged_attention import KVCache
 from .request import Request, RequestStatus
@@ -81,13 +83,15 @@ class LLMEngine:
         self._think_start = tokenizer.token_to_id("<think>")
         self._think_end = tokenizer.token_to_id("</think>")
         self._think_close_ids = tokenizer.encode(_THINK_CLOSE_TEXT) if self._think_end is not None else []
+        self._processors = None  # VL image / video processors, loaded on the first multimodal prompt
         # Counters for metrics.
         self.num_prompt_tokens_total = 0
         self.num_generation_tokens_total = 0
 
     # ------------------------------------------------------------------------------------------- requests
     def tokenize_prompt(self, prompt) -> tuple[str | None, list[int]]:
-        """A prompt is a string or {"prompt_token_ids": [...]} (or {"prompt": str})."""
+        """A prompt is a string or {"prompt_token_ids": [...]} (or {"prompt": str}); VL prompts add
+        "multi_modal_data" (raw media) or "multi_modal_inputs" (from `prepare_multimodal`, ids already expanded)."""
         if isinstance(prompt, str):
             return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
@@ -123,6 +127,12 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         params.verify_token_ids(self.model.config.vocab_size)
         text, ids = self.validate_prompt(prompt)
+        mm = prompt.get("multi_modal_inputs") if isinstance(prompt, dict) else None
+        data = prompt.get("multi_modal_data") if isinstance(prompt, dict) else None
+        if data and mm is None:
+            ids, mm = self.prepare_multimodal(ids, data)
+        if mm is not None:
+            extra_keys = (*extra_keys, mm.content_hash)
         arrival = arrival_time if arrival_time is not None else time.time()
         in_reasoning = self._prompt_ends_in_reasoning(ids)
         sequences = []
@@ -139,6 +149,7 @@ class LLMEngine:
                 extra_keys=extra_keys,
                 in_reasoning=in_reasoning,
                 prefix_parent=sequences[0] if sequences and self.config.enable_prefix_caching else None,
+                mm=mm,
             ))
         group = RequestGroup(request_id, text, ids, params, sequences, arrival)
         self._groups[request_id] = group
@@ -147,6 +158,25 @@ class LLMEngine:
             self.scheduler.add(seq)
         self.num_prompt_tokens_total += len(ids)
         return group
+
+    def prepare_multimodal(self, ids: list[int], data: dict) -> tuple[list[int], MultimodalInputs]:
+        """Expand a VL prompt's placeholders and process its media (processors read from the checkpoint). Safe from
+        any thread (no engine state, no vision encoding): a server runs it before admitting the request, and then
+        passes {"prompt_token_ids": expanded ids, "multi_modal_inputs": mm}."""
+        if not isinstance(self.model, Ernie45VLForConditionalGeneration):
+            raise ValueError("multi_modal_data needs a VL model (model_type ernie4_5_vl_moe)")
+        from ..processing import ImageProcessor, VideoProcessor, load_processors  # needs pillow: the `vl` extra
+
+        if self._processors is None:
+            source = getattr(self.model, "source_dir", None)
+            self._processors = load_processors(source) if source is not None else (ImageProcessor(), VideoProcessor())
+        ids, mm = prepare_multimodal(self.model, *self._processors, ids, data)
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(ids)} tokens with its images / videos expanded, but max_model_len is "
+                f"{self.max_model_len} (prompt + at least one generated token must fit)"
+            )
+        return ids, mm
 
     def _prompt_ends_in_reasoning(self, ids: list[int]) -> bool:
         if self._think_start is None:

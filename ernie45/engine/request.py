@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .multimodal import MultimodalInputs
 from .sampling_params import SamplingParams
 from .stop_checker import StopChecker
 
@@ -57,6 +58,8 @@ class Request:
     """Tokens the engine forces next (closing the thinking block when the budget is spent)."""
     prefix_parent: Request | None = None
     """For samples 2..n of a request: wait until sample 1 has computed (and cached) the shared prompt."""
+    mm: MultimodalInputs | None = None
+    """A VL prompt's images / videos (shared by the n samples: encoded once, on their first prefill chunk)."""
 
     status: RequestStatus = RequestStatus.WAITING
     token_ids: list[int] = field(init=False)

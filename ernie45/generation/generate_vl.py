@@ -50,9 +50,12 @@ def stream_generate_vl(
         moe_types = None  # decode tokens route as text, as in transformers
 
 
-def generate_vl(model: Ernie45VLForConditionalGeneration, input_ids_BT: torch.Tensor, cfg: GenerationConfig | None = None,
-                **inputs) -> torch.Tensor:
+def generate_vl(
+    model: Ernie45VLForConditionalGeneration, input_ids_BT: torch.Tensor, cfg: GenerationConfig | None = None, **inputs
+) -> torch.Tensor:
     """input_ids [B, T] (+ pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw) -> [B, T + new]."""
-    cfg = cfg or GenerationConfig(**{k: inputs.pop(k) for k in list(inputs) if k in GenerationConfig.__dataclass_fields__})
+    cfg = cfg or GenerationConfig(
+        **{k: inputs.pop(k) for k in list(inputs) if k in GenerationConfig.__dataclass_fields__}
+    )
     steps = list(stream_generate_vl(model, input_ids_BT, cfg, **inputs))
     return torch.cat([input_ids_BT.to(model.device), torch.stack(steps, dim=1)], dim=1)

@@ -115,10 +115,11 @@ class Ernie45Config:
         if self.moe_layer_end_index == -1:
             self.moe_layer_end_index = self.num_hidden_layers - 1
         if self.mlp_layer_types is not None:
-            if len(self.mlp_layer_types) != self.num_hidden_layers or set(self.mlp_layer_types) - {"dense", "sparse"}:
+            kinds = set(self.mlp_layer_types)
+            if len(self.mlp_layer_types) != self.num_hidden_layers or kinds - {"dense", "sparse"}:
                 raise ValueError(
-                    f"config.json: mlp_layer_types must list 'dense' or 'sparse' for each of the {self.num_hidden_layers} "
-                    f"layers, got {self.mlp_layer_types}"
+                    "config.json: mlp_layer_types must list 'dense' or 'sparse' for each of the "
+                    f"{self.num_hidden_layers} layers, got {self.mlp_layer_types}"
                 )
         if self.moe_layer_interval < 1:
             raise ValueError(f"config.json: moe_layer_interval must be >= 1, got {self.moe_layer_interval}")

@@ -23,7 +23,11 @@ class DecoderLayer(nn.Module):
     """Pre-norm block: h = x + Attn(norm(x)); y = h + MLP(norm(h)), the MLP dense or MoE."""
 
     def __init__(
-        self, config: Ernie45Config, layer_idx: int, moe: bool, moe_block: Callable[[Ernie45Config], nn.Module] = MoeBlock
+        self,
+        config: Ernie45Config,
+        layer_idx: int,
+        moe: bool,
+        moe_block: Callable[[Ernie45Config], nn.Module] = MoeBlock,
     ):
         super().__init__()
         self.self_attn = Attention(config, layer_idx)
@@ -61,7 +65,8 @@ class Ernie45Model(nn.Module):
         H = config.hidden_size
         self.embed_tokens = nn.Embedding(config.vocab_size, H)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, i, moe=config.is_moe_layer(i), moe_block=moe_block) for i in range(config.num_hidden_layers)
+            DecoderLayer(config, i, moe=config.is_moe_layer(i), moe_block=moe_block)
+            for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(H, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.compression_ratio)

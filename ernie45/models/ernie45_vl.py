@@ -29,7 +29,9 @@ class Ernie45VLModel(nn.Module):
         super().__init__()
         moe_block = functools.partial(ModalityMoeBlock, vision_intermediate_size=config.vision_moe_intermediate_size)
         self.language_model = Ernie45Model(config.text, moe_block=moe_block)
-        self.language_model.rotary_emb = MRotaryEmbedding(config.text.head_dim, config.text.rope_theta, config.mrope_section)
+        self.language_model.rotary_emb = MRotaryEmbedding(
+            config.text.head_dim, config.text.rope_theta, config.mrope_section
+        )
         self.vision_tower = VisionTransformer(config.vision)
         self.resampler_model = Resampler(config)
 
@@ -100,11 +102,18 @@ class Ernie45VLForConditionalGeneration(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """3-D positions [3, B, T] and the decode delta [B, 1] (see `vl_positions`)."""
         if mm_token_type_ids is None:
-            mm_token_type_ids = token_types(input_ids, {self.config.image_token_id: IMAGE, self.config.video_token_id: VIDEO})
+            mm_token_type_ids = token_types(
+                input_ids, {self.config.image_token_id: IMAGE, self.config.video_token_id: VIDEO}
+            )
         vision = self.config.vision
         return rope_positions(
-            input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw, vision.spatial_merge_size,
-            vision.temporal_merge_size, attention_mask,
+            input_ids,
+            mm_token_type_ids,
+            image_grid_thw,
+            video_grid_thw,
+            vision.spatial_merge_size,
+            vision.temporal_merge_size,
+            attention_mask,
         )
 
     def moe_token_types(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -143,7 +152,9 @@ class Ernie45VLForConditionalGeneration(nn.Module):
     ) -> torch.Tensor:
         """transformers' argument names -> logits [B, T, V]. Token types default to those implied by input_ids."""
         if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("padded batches are not supported by the plain forward; run rows separately or use the engine")
+            raise ValueError(
+                "padded batches are not supported by the plain forward; run rows separately or use the engine"
+            )
         x = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
         if position_ids is None:
             position_ids, _ = self.positions(input_ids, image_grid_thw, video_grid_thw, mm_token_type_ids)

@@ -40,7 +40,9 @@ class VisionAttention(nn.Module):
         self.qkv = Linear(config.hidden_size, 3 * config.hidden_size, bias=True)
         self.proj = Linear(config.hidden_size, config.hidden_size, bias=True)
 
-    def forward(self, x_NC: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attn: SegmentAttention) -> torch.Tensor:
+    def forward(
+        self, x_NC: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attn: SegmentAttention
+    ) -> torch.Tensor:
         N = x_NC.shape[0]
         q, k, v = self.qkv(x_NC).view(N, 3, self.num_heads, self.head_dim).unbind(1)
         cos, sin = rope
@@ -113,7 +115,9 @@ class VisionTransformer(nn.Module):
         grid_thw = grid_thw.cpu()
         expected = int(grid_thw.prod(-1).sum())
         if pixels_NP.shape[0] != expected:
-            raise ValueError(f"pixel values have {pixels_NP.shape[0]} patches, the grids {grid_thw.tolist()} need {expected}")
+            raise ValueError(
+                f"pixel values have {pixels_NP.shape[0]} patches, the grids {grid_thw.tolist()} need {expected}"
+            )
         frames = torch.repeat_interleave(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0]).tolist()
         attn = SegmentAttention(frames)
         x = self.patch_embed(pixels_NP)

@@ -18,14 +18,28 @@ VL_MODEL_TYPES = ("ernie4_5_vl_moe",)
 
 # transformers' Ernie4_5_VLMoeTextConfig defaults (VL-28B-A3B), where they differ from the text models' defaults.
 _TEXT_DEFAULTS = dict(
-    vocab_size=103424, hidden_size=2560, intermediate_size=12288, num_hidden_layers=28, num_attention_heads=20,
-    num_key_value_heads=4, moe_k=6, moe_num_experts=64, moe_num_shared_experts=2, rope_theta=500000.0,
-    pad_token_id=None, bos_token_id=None, eos_token_id=None,
+    vocab_size=103424,
+    hidden_size=2560,
+    intermediate_size=12288,
+    num_hidden_layers=28,
+    num_attention_heads=20,
+    num_key_value_heads=4,
+    moe_k=6,
+    moe_num_experts=64,
+    moe_num_shared_experts=2,
+    rope_theta=500000.0,
+    pad_token_id=None,
+    bos_token_id=None,
+    eos_token_id=None,
 )
 # Ernie45Config fields transformers' VL text config does not have (left out of the written config).
 _TEXT_ONLY_FIELDS = (
-    "moe_layer_start_index", "moe_layer_end_index", "moe_layer_interval", "num_nextn_predict_layers",
-    "compression_ratio", "architectures",
+    "moe_layer_start_index",
+    "moe_layer_end_index",
+    "moe_layer_interval",
+    "num_nextn_predict_layers",
+    "compression_ratio",
+    "architectures",
 )
 _SKIP_ON_WRITE = {"architectures", "model_type", "transformers_version", "dtype", "torch_dtype"}
 
@@ -71,9 +85,13 @@ class VisionConfig:
                 "an integer multiple of 4 (2-D rotary embedding)"
             )
         if self.temporal_merge_size != 2:
-            raise ValueError(f"config.json: vision_config.temporal_merge_size must be 2, got {self.temporal_merge_size}")
+            raise ValueError(
+                f"config.json: vision_config.temporal_merge_size must be 2, got {self.temporal_merge_size}"
+            )
         if self.hidden_act not in ("quick_gelu", "gelu"):
-            raise ValueError(f"config.json: vision_config.hidden_act {self.hidden_act!r} is not supported (quick_gelu, gelu)")
+            raise ValueError(
+                f"config.json: vision_config.hidden_act {self.hidden_act!r} is not supported (quick_gelu, gelu)"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -90,11 +108,15 @@ class VisionConfig:
         if isinstance(rope, dict) and "rope_theta" in rope:
             raw.setdefault("rope_theta", rope["rope_theta"])
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        return cls(**{k: v for k, v in raw.items() if k in names}, extra={k: v for k, v in raw.items() if k not in names})
+        return cls(
+            **{k: v for k, v in raw.items() if k in names}, extra={k: v for k, v in raw.items() if k not in names}
+        )
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in self.extra.items() if k not in _SKIP_ON_WRITE}
-        out.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("extra", "rope_theta")})
+        out.update(
+            {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("extra", "rope_theta")}
+        )
         out["model_type"] = "ernie4_5_vl_moe_vision"
         out["rope_parameters"] = {"rope_type": "axial", "rope_theta": self.rope_theta}
         return out
@@ -131,21 +153,40 @@ class Ernie45VLConfig:
 
     def __post_init__(self) -> None:
         if self.model_type not in VL_MODEL_TYPES:
-            raise ValueError(f"config.json: model_type {self.model_type!r} is not a VL model ({', '.join(VL_MODEL_TYPES)})")
+            raise ValueError(
+                f"config.json: model_type {self.model_type!r} is not a VL model ({', '.join(VL_MODEL_TYPES)})"
+            )
         if not self.text.has_moe_layers:
             raise ValueError("config.json: text_config needs moe_num_experts > 0 (ERNIE 4.5 VL is a MoE model)")
         if self.vision_moe_intermediate_size <= 0:
-            raise ValueError(f"config.json: vision expert width must be positive, got {self.vision_moe_intermediate_size}")
+            raise ValueError(
+                f"config.json: vision expert width must be positive, got {self.vision_moe_intermediate_size}"
+            )
         self.mrope_section = tuple(self.mrope_section)
         if len(self.mrope_section) != 3 or sum(self.mrope_section) != self.text.head_dim // 2:
             raise ValueError(
                 f"config.json: rope_parameters.mrope_section {list(self.mrope_section)} must have 3 entries summing to "
                 f"head_dim / 2 = {self.text.head_dim // 2}"
             )
-        ids = [self.image_token_id, self.image_start_token_id, self.image_end_token_id, self.video_token_id,
-               self.video_start_token_id, self.video_end_token_id]
+        ids = [
+            self.image_token_id,
+            self.image_start_token_id,
+            self.image_end_token_id,
+            self.video_token_id,
+            self.video_start_token_id,
+            self.video_end_token_id,
+        ]
         if any(not 0 <= i < self.text.vocab_size for i in ids):
-            raise ValueError(f"config.json: multimodal token ids {ids} must lie in [0, vocab_size={self.text.vocab_size})")
+            raise ValueError(
+                f"config.json: multimodal token ids {ids} must lie in [0, vocab_size={self.text.vocab_size})"
+            )
+
+    def __getattr__(self, name: str):
+        # Language-model settings (vocab_size, num_hidden_layers, eos_token_ids, ...) read through to `text`, so the
+        # engine and the generation helpers size caches and stop ids from a VL config as from a text one.
+        if name.startswith("__") or name in ("text", "vision"):
+            raise AttributeError(name)
+        return getattr(self.text, name)
 
     @property
     def tie_word_embeddings(self) -> bool:
@@ -155,8 +196,12 @@ class Ernie45VLConfig:
     def vision_token_ids(self) -> dict[int, int]:
         """token id -> modality type for the MoE routing (1 image, 2 video), start/end tokens included."""
         return {
-            self.image_token_id: 1, self.image_start_token_id: 1, self.image_end_token_id: 1,
-            self.video_token_id: 2, self.video_start_token_id: 2, self.video_end_token_id: 2,
+            self.image_token_id: 1,
+            self.image_start_token_id: 1,
+            self.image_end_token_id: 1,
+            self.video_token_id: 2,
+            self.video_start_token_id: 2,
+            self.video_end_token_id: 2,
         }
 
     @classmethod
@@ -190,8 +235,14 @@ class Ernie45VLConfig:
         names = {f.name for f in dataclasses.fields(cls)} - {"extra", "text", "vision"}
         known = {k: v for k, v in raw.items() if k in names}
         extra = {k: v for k, v in raw.items() if k not in names}
-        return cls(text=text, vision=vision, vision_moe_intermediate_size=widths[1], mrope_section=tuple(mrope),
-                   **known, extra=extra)
+        return cls(
+            text=text,
+            vision=vision,
+            vision_moe_intermediate_size=widths[1],
+            mrope_section=tuple(mrope),
+            **known,
+            extra=extra,
+        )
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Ernie45VLConfig":

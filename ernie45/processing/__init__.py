@@ -6,6 +6,12 @@ from .processor import expand_placeholders, load_processors
 from .video_processor import VideoProcessor
 
 __all__ = [
-    "ImageProcessor", "MediaError", "VideoProcessor", "expand_placeholders", "load_image", "load_processors",
-    "load_video", "smart_resize",
+    "ImageProcessor",
+    "MediaError",
+    "VideoProcessor",
+    "expand_placeholders",
+    "load_image",
+    "load_processors",
+    "load_video",
+    "smart_resize",
 ]

@@ -25,7 +25,9 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     if min(height, width) <= 0:
         raise MediaError(f"image has zero size ({width}x{height})")
     if max(height, width) / min(height, width) > 200:
-        raise MediaError(f"aspect ratio {max(height, width) / min(height, width):.1f} of a {width}x{height} image exceeds 200")
+        raise MediaError(
+            f"aspect ratio {max(height, width) / min(height, width):.1f} of a {width}x{height} image exceeds 200"
+        )
     h_bar = round(height / factor) * factor
     w_bar = round(width / factor) * factor
     if h_bar * w_bar > max_pixels:
@@ -81,7 +83,9 @@ class ImageProcessor:
 
     def __post_init__(self) -> None:
         if not 0 < self.min_pixels <= self.max_pixels:
-            raise ValueError(f"preprocessor config: need 0 < min_pixels <= max_pixels, got {self.min_pixels}, {self.max_pixels}")
+            raise ValueError(
+                f"preprocessor config: need 0 < min_pixels <= max_pixels, got {self.min_pixels}, {self.max_pixels}"
+            )
         if self.patch_size <= 0 or self.merge_size <= 0:
             raise ValueError("preprocessor config: patch_size and merge_size must be positive")
         self.image_mean, self.image_std = tuple(self.image_mean), tuple(self.image_std)
@@ -93,7 +97,9 @@ class ImageProcessor:
         raw.setdefault("min_pixels", size.get("shortest_edge", cls.min_pixels))
         raw.setdefault("max_pixels", size.get("longest_edge", cls.max_pixels))
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        return cls(**{k: v for k, v in raw.items() if k in names}, extra={k: v for k, v in raw.items() if k not in names})
+        return cls(
+            **{k: v for k, v in raw.items() if k in names}, extra={k: v for k, v in raw.items() if k not in names}
+        )
 
     @property
     def factor(self) -> int:

@@ -49,7 +49,9 @@ def load_processors(directory: str | Path) -> tuple[ImageProcessor, VideoProcess
 
 
 def expand_placeholders(
-    input_ids: list[int], config: Ernie45VLConfig, image_grid_thw: torch.Tensor | None = None,
+    input_ids: list[int],
+    config: Ernie45VLConfig,
+    image_grid_thw: torch.Tensor | None = None,
     video_grid_thw: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Token ids with ONE placeholder per image / video (in order) -> model inputs [1, T]: each placeholder repeated
@@ -58,7 +60,9 @@ def expand_placeholders(
     counts = {
         config.image_token_id: iter([] if image_grid_thw is None else (image_grid_thw.prod(-1) // merge).tolist()),
         config.video_token_id: iter(
-            [] if video_grid_thw is None else (video_grid_thw.prod(-1) // merge // config.vision.temporal_merge_size).tolist()
+            []
+            if video_grid_thw is None
+            else (video_grid_thw.prod(-1) // merge // config.vision.temporal_merge_size).tolist()
         ),
     }
     out: list[int] = []

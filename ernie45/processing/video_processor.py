@@ -68,11 +68,15 @@ class VideoProcessor:
 
     def __post_init__(self) -> None:
         if self.temporal_patch_size != 2:
-            raise ValueError(f"preprocessor config: ERNIE 4.5 VL supports temporal_patch_size 2 only, got {self.temporal_patch_size}")
+            raise ValueError(
+                f"preprocessor config: ERNIE 4.5 VL supports temporal_patch_size 2 only, got {self.temporal_patch_size}"
+            )
         if self.fps is not None and self.num_frames is not None:
             raise ValueError("preprocessor config: fps and num_frames are mutually exclusive")
         if not 0 < self.min_pixels <= self.max_pixels:
-            raise ValueError(f"preprocessor config: need 0 < min_pixels <= max_pixels, got {self.min_pixels}, {self.max_pixels}")
+            raise ValueError(
+                f"preprocessor config: need 0 < min_pixels <= max_pixels, got {self.min_pixels}, {self.max_pixels}"
+            )
         self.image_mean, self.image_std = tuple(self.image_mean), tuple(self.image_std)
 
     @classmethod
@@ -84,7 +88,9 @@ class VideoProcessor:
         if directory is not None and raw.get("font") and (directory / raw["font"]).is_file():
             raw["font"] = str(directory / raw["font"])
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        return cls(**{k: v for k, v in raw.items() if k in names}, extra={k: v for k, v in raw.items() if k not in names})
+        return cls(
+            **{k: v for k, v in raw.items() if k in names}, extra={k: v for k, v in raw.items() if k not in names}
+        )
 
     # ---- steps ---------------------------------------------------------------------------------------------
     def sample_indices(self, total: int, source_fps: float | None) -> torch.Tensor:
@@ -113,8 +119,12 @@ class VideoProcessor:
             font_size = int(min(*image.size) * 0.1)
             font = ImageFont.truetype(self.font, font_size)
             ImageDraw.Draw(image).text(
-                (0, 0), timestamp_text(seconds[i]), font=font, fill=(0, 0, 0),
-                stroke_width=int(font_size * 0.1), stroke_fill=(255, 255, 255),
+                (0, 0),
+                timestamp_text(seconds[i]),
+                font=font,
+                fill=(0, 0, 0),
+                stroke_width=int(font_size * 0.1),
+                stroke_fill=(255, 255, 255),
             )
             out[i] = np.asarray(image)
         return out
@@ -156,9 +166,20 @@ class VideoProcessor:
     def __call__(self, videos, video_fps: float | list[float | None] | None = None) -> dict[str, torch.Tensor]:
         """One video (frame list, [T, H, W, 3] array or file) or a list of them -> pixel_values_videos
         [N, C*P*P] float32 and video_grid_thw [videos, 3] int64. `video_fps`: the source rate(s), when known."""
-        single = isinstance(videos, (str, Path, np.ndarray, torch.Tensor)) or (
-            isinstance(videos, (list, tuple)) and videos and not isinstance(videos[0], (list, tuple, str, Path, np.ndarray))
-        ) or (isinstance(videos, (list, tuple)) and videos and isinstance(videos[0], np.ndarray) and videos[0].ndim == 3)
+        single = (
+            isinstance(videos, (str, Path, np.ndarray, torch.Tensor))
+            or (
+                isinstance(videos, (list, tuple))
+                and videos
+                and not isinstance(videos[0], (list, tuple, str, Path, np.ndarray))
+            )
+            or (
+                isinstance(videos, (list, tuple))
+                and videos
+                and isinstance(videos[0], np.ndarray)
+                and videos[0].ndim == 3
+            )
+        )
         videos = [videos] if single else list(videos)
         rates = video_fps if isinstance(video_fps, (list, tuple)) else [video_fps] * len(videos)
         patches, grids = zip(*(self.preprocess_one(v, r) for v, r in zip(videos, rates)))

@@ -15,12 +15,19 @@ from starlette.responses import Response
 
 from .. import __version__
 from ..engine.async_llm import AsyncLLM
+from ..models.ernie45_vl import Ernie45VLForConditionalGeneration
 from .chat import create_chat_completion
 from .completions import create_completion
 from .context import ServingContext
 from .errors import APIError, bad_request, install_error_handlers
 from .middleware import RequestContextMiddleware, request_info
-from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from .protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    VLChatCompletionRequest,
+)
 
 
 def _api_key_check(api_key: str | None):
@@ -37,9 +44,11 @@ def _api_key_check(api_key: str | None):
 
 
 def build_app(front: AsyncLLM, tokenizer, served_model_name: str, api_key: str | None = None,
-              max_queue: int | None = None, model_root: str | None = None) -> FastAPI:
+              max_queue: int | None = None, model_root: str | None = None, max_images_per_prompt: int = 8,
+              max_videos_per_prompt: int = 2) -> FastAPI:
     """An app serving `front`; its lifespan shuts the engine thread down when the server stops."""
-    ctx = ServingContext(front, tokenizer, served_model_name, max_queue=max_queue, model_root=model_root)
+    ctx = ServingContext(front, tokenizer, served_model_name, max_queue=max_queue, model_root=model_root,
+                         max_images_per_prompt=max_images_per_prompt, max_videos_per_prompt=max_videos_per_prompt)
     created = int(time.time())
     stopping = asyncio.Event()
 
@@ -62,9 +71,15 @@ def build_app(front: AsyncLLM, tokenizer, served_model_name: str, api_key: str |
             "root": model_root or served_model_name, "parent": None, "max_model_len": ctx.max_model_len,
         }]}
 
-    @api.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        return await create_chat_completion(ctx, body, request_info(request), request.receive)
+    if isinstance(front.engine.model, Ernie45VLForConditionalGeneration):
+        # A VL model's schema accepts image / video parts; a text model's keeps rejecting them at validation.
+        @api.post("/v1/chat/completions", response_model=None)
+        async def chat_completions(body: VLChatCompletionRequest, request: Request) -> Response:
+            return await create_chat_completion(ctx, body, request_info(request), request.receive)
+    else:
+        @api.post("/v1/chat/completions", response_model=None)
+        async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+            return await create_chat_completion(ctx, body, request_info(request), request.receive)
 
     @api.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Response:

@@ -29,8 +29,11 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     ctx.check_model(req.model)
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("top_logprobs requires logprobs=true", param="top_logprobs")
-    prompt = ctx.render_chat(req.messages, req.add_generation_prompt, req.chat_template_kwargs, req.tools)
+    messages, media = ctx.split_media(req.messages)
+    prompt = ctx.render_chat(messages, req.add_generation_prompt, req.chat_template_kwargs, req.tools)
     text, prompt_ids = ctx.validate_prompt(prompt)
+    engine_prompt = await ctx.prepare_media(text, prompt_ids, media)
+    prompt_ids = engine_prompt["prompt_token_ids"]
     # OpenAI: without max_tokens the only limit is the context length (SamplingParams' default is 16).
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     params = ctx.sampling_params(
@@ -43,7 +46,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     info.prompt_tokens = len(prompt_ids)
     ticket = ctx.admission.admit(params.n)
     try:
-        outputs = ctx.generate({"prompt_token_ids": prompt_ids, "prompt": text}, params, request_id)
+        outputs = ctx.generate(engine_prompt, params, request_id)
         if req.stream:
             stream = _stream(ctx, req, info, outputs, prompt_ids, starts_in_reasoning)
             response, ticket = SSEResponse(stream, on_close=ticket.release), None

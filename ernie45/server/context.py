@@ -3,6 +3,7 @@ checks that turn bad input into 400s before anything reaches the engine."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -10,8 +11,10 @@ from typing import Any
 import jinja2
 
 from ..engine.async_llm import AsyncLLM, EngineDeadError
+from ..engine.multimodal import split_content_parts
 from ..engine.outputs import RequestOutput
 from ..engine.sampling_params import SamplingParams
+from ..models.ernie45_vl import Ernie45VLForConditionalGeneration
 from ..tokenizer import ReasoningParser
 from .errors import APIError, bad_request
 from .metrics import ServerMetrics
@@ -57,7 +60,7 @@ class Admission:
 
 class ServingContext:
     def __init__(self, front: AsyncLLM, tokenizer, served_model_name: str, max_queue: int | None = None,
-                 model_root: str | None = None):
+                 model_root: str | None = None, max_images_per_prompt: int = 8, max_videos_per_prompt: int = 2):
         self.front = front
         self.engine = front.engine
         self.tokenizer = tokenizer
@@ -69,6 +72,7 @@ class ServingContext:
         self.admission = Admission(self.engine.stats, max_queue)
         self.metrics = ServerMetrics(self.engine.stats, served_model_name, self.admission.num_queued)
         self._token_text: dict[int, str] = {}
+        self.media_limits = {"image": max_images_per_prompt, "video": max_videos_per_prompt}
 
     # ------------------------------------------------------------------------------------ checks
     def check_model(self, name: str | None) -> None:
@@ -121,12 +125,44 @@ class ServingContext:
             kwargs.setdefault("tools", tools)
         # The released templates read `content` of every message; OpenAI lets an assistant turn that only calls
         # tools send it as null.
-        plain = [{"content": "", **m.model_dump(exclude_none=True)} for m in messages]
+        plain = [{"content": "", **(m.model_dump(exclude_none=True) if hasattr(m, "model_dump") else m)}
+                 for m in messages]
         try:
             return self.tokenizer.apply_chat_template(plain, add_generation_prompt=add_generation_prompt, **kwargs)
         except (ValueError, TypeError, jinja2.TemplateError) as exc:
             raise bad_request(f"the messages cannot be rendered with the chat template: {exc}",
                               param="messages") from None
+
+    def split_media(self, messages: Sequence[ChatMessage]) -> tuple[list, dict]:
+        """Messages with image / video parts -> (messages with numbered placeholders, media); limits -> 400."""
+        plain = [m.model_dump(exclude_none=True) for m in messages]
+        kinds = [p.get("type") for m in plain if isinstance(m.get("content"), list) for p in m["content"]]
+        if not any(kind in ("image_url", "video_url") for kind in kinds):
+            return list(messages), {}
+        if not isinstance(self.engine.model, Ernie45VLForConditionalGeneration):
+            raise bad_request("image and video content parts need a VL model; this server serves a text model",
+                              param="messages", code="unsupported_content")
+        for media, limit in self.media_limits.items():
+            count = kinds.count(f"{media}_url")
+            if count > limit:
+                raise bad_request(f"{count} {media}s in the request; this server accepts at most {limit} per request",
+                                  param="messages", code="too_many_media")
+        try:
+            return split_content_parts(plain, self.engine.model.config, self.tokenizer)
+        except ValueError as exc:
+            raise bad_request(str(exc), param="messages") from None
+
+    async def prepare_media(self, text: str | None, ids: list[int], data: dict) -> dict:
+        """The engine prompt; with media, their placeholders expanded and pixels processed (off the event loop)."""
+        if not data:
+            return {"prompt_token_ids": ids, "prompt": text}
+        try:
+            ids, mm = await asyncio.to_thread(self.engine.prepare_multimodal, ids, data)
+        except ValueError as exc:  # MediaError included: undecodable, zero size, too many pixels, bad URL
+            message = str(exc)
+            code = "context_length_exceeded" if "max_model_len" in message else "invalid_media"
+            raise bad_request(message, param="messages", code=code) from None
+        return {"prompt_token_ids": ids, "prompt": text, "multi_modal_inputs": mm}
 
     # ------------------------------------------------------------------------------------ running
     async def generate(self, prompt: dict, params: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]:

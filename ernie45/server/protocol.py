@@ -126,6 +126,24 @@ class ToolCall(_Body):
     function: FunctionCall
 
 
+class MediaURL(_Body):
+    url: Str
+    """http(s) URL, data: URI (base64) or a path the server can read."""
+
+
+class ImagePart(_Body):
+    type: Literal["image_url"]
+    image_url: MediaURL
+
+
+class VideoPart(_Body):
+    type: Literal["video_url"]
+    video_url: MediaURL
+
+
+ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
+
+
 class ChatMessage(_Body):
     role: Literal["system", "user", "assistant", "tool"]
     content: Str | list[TextPart] | None = None
@@ -181,3 +199,15 @@ class TokenizeRequest(_Request):
 class DetokenizeRequest(_Request):
     model: Str | None = None
     tokens: TokenIds
+
+
+class VLChatMessage(ChatMessage):
+    """A chat message of a VL model's server: content parts may be images and videos too."""
+
+    content: Str | list[ContentPart] | None = None
+
+
+class VLChatCompletionRequest(ChatCompletionRequest):
+    """/v1/chat/completions of a VL model (its OpenAPI schema offers image_url / video_url parts)."""
+
+    messages: Annotated[list[VLChatMessage], Field(min_length=1)]

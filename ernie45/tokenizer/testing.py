@@ -82,8 +82,12 @@ def build_tiny_sentencepiece_tokenizer(
     chat_template: str | None = BUILTIN_ERNIE45_CHAT_TEMPLATE,
     vocab_size: int = 600,
     add_dummy_prefix: bool = False,
+    extra_added_tokens: tuple[str, ...] = EXTRA_ADDED_TOKENS,
 ) -> Path:
-    """Write a tiny tokenizer directory in ERNIE 4.5's released layout and return its path."""
+    """Write a tiny tokenizer directory in ERNIE 4.5's released layout and return its path.
+
+    `extra_added_tokens` come after the SentencePiece vocabulary, in order (the VL tests add the image / video
+    start, end and placeholder tokens)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = train_tiny_sentencepiece_model(vocab_size, add_dummy_prefix)
@@ -91,7 +95,7 @@ def build_tiny_sentencepiece_tokenizer(
 
     processor = spm.SentencePieceProcessor(model_proto=model)
     base_size = processor.get_piece_size()
-    added_ids = {token: base_size + i for i, token in enumerate(EXTRA_ADDED_TOKENS)}
+    added_ids = {token: base_size + i for i, token in enumerate(extra_added_tokens)}
     decoder_tokens = ["<unk>", "<s>", "</s>", *CONTROL_PIECES, *USER_DEFINED_PIECES]
     decoder = {processor.piece_to_id(token): token for token in decoder_tokens}
     decoder.update({token_id: token for token, token_id in added_ids.items()})
@@ -115,7 +119,7 @@ def build_tiny_sentencepiece_tokenizer(
             for token_id, token in sorted(decoder.items())
         },
         **special,
-        "additional_special_tokens": list(EXTRA_ADDED_TOKENS),
+        "additional_special_tokens": list(extra_added_tokens),
         "clean_up_tokenization_spaces": False,
         "model_max_length": 131072,
         "padding_side": "left",
@@ -124,6 +128,6 @@ def build_tiny_sentencepiece_tokenizer(
     if chat_template is not None:
         config["chat_template"] = chat_template
     write_json(out / TOKENIZER_CONFIG, config)
-    write_json(out / SPECIAL_TOKENS_MAP, {**special, "additional_special_tokens": list(EXTRA_ADDED_TOKENS)})
+    write_json(out / SPECIAL_TOKENS_MAP, {**special, "additional_special_tokens": list(extra_added_tokens)})
     write_json(out / ADDED_TOKENS, added_ids)
     return out

@@ -5,12 +5,27 @@ from __future__ import annotations
 import torch
 
 IMAGE, IMAGE_START, IMAGE_END, VIDEO_START, VIDEO_END, VIDEO = 100, 101, 102, 103, 104, 105
-TOKEN_IDS = dict(image_token_id=IMAGE, image_start_token_id=IMAGE_START, image_end_token_id=IMAGE_END,
-                 video_start_token_id=VIDEO_START, video_end_token_id=VIDEO_END, video_token_id=VIDEO)
+TOKEN_IDS = dict(
+    image_token_id=IMAGE,
+    image_start_token_id=IMAGE_START,
+    image_end_token_id=IMAGE_END,
+    video_start_token_id=VIDEO_START,
+    video_end_token_id=VIDEO_END,
+    video_token_id=VIDEO,
+)
 TEXT_BASE = dict(
-    vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-    num_key_value_heads=2, moe_intermediate_size=[32, 16], moe_num_experts=4, moe_k=2, moe_num_shared_experts=1,
-    mlp_layer_types=["dense", "sparse", "sparse"], initializer_range=0.15,
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    moe_intermediate_size=[32, 16],
+    moe_num_experts=4,
+    moe_k=2,
+    moe_num_shared_experts=1,
+    mlp_layer_types=["dense", "sparse", "sparse"],
+    initializer_range=0.15,
     rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [3, 3, 2]},
 )
 VISION_BASE = dict(depth=2, hidden_size=32, num_heads=2, intermediate_size=64, initializer_range=0.15)
@@ -23,7 +38,8 @@ def build_hf_vl_model(seed: int = 0, text: dict | None = None, vision: dict | No
 
     torch.manual_seed(seed)
     config = Ernie4_5_VLMoeConfig(
-        text_config=dict(TEXT_BASE, **(text or {})), vision_config=dict(VISION_BASE, **(vision or {})),
+        text_config=dict(TEXT_BASE, **(text or {})),
+        vision_config=dict(VISION_BASE, **(vision or {})),
         **dict(TOKEN_IDS, **overrides),
     )
     model = Ernie4_5_VLMoeForConditionalGeneration(config).eval()
@@ -46,8 +62,17 @@ def mm_prompt(seed: int = 0, image_grid=(1, 4, 6), video_grid=(4, 4, 4), patch_d
     n_img = image_grid[0] * image_grid[1] * image_grid[2] // 4
     n_vid = video_grid[0] * video_grid[1] * video_grid[2] // 8
     text = lambda n: torch.randint(3, IMAGE, (n,), generator=g).tolist()  # noqa: E731
-    ids = (text(5) + [IMAGE_START] + [IMAGE] * n_img + [IMAGE_END] + text(4) + [VIDEO_START] + [VIDEO] * n_vid
-           + [VIDEO_END] + text(6))
+    ids = (
+        text(5)
+        + [IMAGE_START]
+        + [IMAGE] * n_img
+        + [IMAGE_END]
+        + text(4)
+        + [VIDEO_START]
+        + [VIDEO] * n_vid
+        + [VIDEO_END]
+        + text(6)
+    )
     input_ids = torch.tensor([ids])
     mm = torch.zeros_like(input_ids)
     mm[input_ids == IMAGE] = 1

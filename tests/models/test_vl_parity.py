@@ -15,7 +15,9 @@ from .hf_vl_reference import build_hf_vl_model, mm_prompt
 CASES = {
     "base": ({}, {}, {}),
     "untied_no_shared_all_sparse": (
-        dict(moe_num_shared_experts=0, mlp_layer_types=["sparse"] * 3), dict(depth=1), dict(tie_word_embeddings=False),
+        dict(moe_num_shared_experts=0, mlp_layer_types=["sparse"] * 3),
+        dict(depth=1),
+        dict(tie_word_embeddings=False),
     ),
 }
 
@@ -95,9 +97,15 @@ def test_greedy_tokens_match(pair):
     hf_model.generation_config.eos_token_id = None
     with torch.no_grad():
         ref = hf_model.generate(**inputs, max_new_tokens=16, do_sample=False, pad_token_id=0)
-    got = generate_vl(ours, inputs["input_ids"], max_new_tokens=16, pixel_values=inputs["pixel_values"],
-                      image_grid_thw=inputs["image_grid_thw"], pixel_values_videos=inputs["pixel_values_videos"],
-                      video_grid_thw=inputs["video_grid_thw"])
+    got = generate_vl(
+        ours,
+        inputs["input_ids"],
+        max_new_tokens=16,
+        pixel_values=inputs["pixel_values"],
+        image_grid_thw=inputs["image_grid_thw"],
+        pixel_values_videos=inputs["pixel_values_videos"],
+        video_grid_thw=inputs["video_grid_thw"],
+    )
     assert torch.equal(got, ref)
 
 
@@ -156,3 +164,45 @@ def test_config_round_trip_and_errors():
         Ernie45VLConfig.from_dict(dict(raw, text_config=dict(TEXT_BASE, mlp_layer_types=["dense", "moe", "sparse"])))
     with pytest.raises(ValueError, match="token ids"):
         Ernie45VLConfig.from_dict(dict(raw, video_token_id=1000))
+
+
+def test_batch_rows_match_single_rows(pair):
+    """Two prompts of equal length with different images: each row's logits equal its single-row forward."""
+    _, ours, _ = pair
+    a, b = mm_prompt(seed=5), mm_prompt(seed=6)
+    batched = {
+        "input_ids": torch.cat([a["input_ids"], b["input_ids"]]),
+        "pixel_values": torch.cat([a["pixel_values"], b["pixel_values"]]),
+        "image_grid_thw": torch.cat([a["image_grid_thw"], b["image_grid_thw"]]),
+        "pixel_values_videos": torch.cat([a["pixel_values_videos"], b["pixel_values_videos"]]),
+        "video_grid_thw": torch.cat([a["video_grid_thw"], b["video_grid_thw"]]),
+    }
+    with torch.no_grad():
+        both = ours(**batched)
+        for row, single in enumerate((a, b)):
+            alone = ours(**{k: v for k, v in single.items() if not k.endswith("token_type_ids")})
+            assert (both[row] - alone[0]).abs().max().item() <= 1e-4
+
+
+def test_bfloat16_and_sharded_load(pair, tmp_path):
+    hf_model, ours, _ = pair
+    hf_model.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    sharded = ernie45.load_model(tmp_path)
+    assert all(torch.equal(p, q) for p, q in zip(ours.state_dict().values(), sharded.state_dict().values()))
+    bf16 = ernie45.load_model(tmp_path, dtype="bfloat16")
+    mlp = bf16.model.language_model.layers[1].mlp
+    assert mlp.text_moe.gate.weight.dtype == mlp.vision_moe.gate.weight.dtype == torch.float32
+    assert bf16.model.vision_tower.patch_embed.proj.weight.dtype == torch.bfloat16
+    inputs = mm_prompt()
+    with torch.no_grad():
+        ref = ours(**inputs)
+        got = bf16(**inputs).float()
+    assert got.shape == ref.shape and torch.isfinite(got).all()
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean().item() >= 0.8
+
+
+def test_remote_code_config_is_refused_clearly(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "ernie4_5_moe_vl", "hidden_size": 2560}))
+    with pytest.raises(ValueError, match="ernie4_5_vl_moe"):
+        ernie45.load_model(tmp_path)

@@ -9,7 +9,13 @@ from PIL import Image
 import ernie45
 from ernie45.processing import ImageProcessor, VideoProcessor, expand_placeholders
 from tests.models.hf_vl_reference import (
-    IMAGE, IMAGE_END, IMAGE_START, VIDEO, VIDEO_END, VIDEO_START, build_hf_vl_model,
+    IMAGE,
+    IMAGE_END,
+    IMAGE_START,
+    VIDEO,
+    VIDEO_END,
+    VIDEO_START,
+    build_hf_vl_model,
 )
 
 
@@ -24,12 +30,29 @@ def models(tmp_path_factory):
 def test_processed_prompt_matches_transformers(models):
     hf_model, ours = models
     rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 256, (60, 90, 3), dtype=np.uint8)),
-              Image.fromarray(rng.integers(0, 256, (120, 50, 3), dtype=np.uint8))]
+    images = [
+        Image.fromarray(rng.integers(0, 256, (60, 90, 3), dtype=np.uint8)),
+        Image.fromarray(rng.integers(0, 256, (120, 50, 3), dtype=np.uint8)),
+    ]
     video = rng.integers(0, 256, (3, 56, 70, 3), dtype=np.uint8)
     image_inputs = ImageProcessor(min_pixels=56 * 56, max_pixels=28 * 28 * 12)(images)
     video_inputs = VideoProcessor(min_pixels=56 * 56, max_pixels=28 * 28 * 8, draw_on_frames=False)(video)
-    prompt = [7, 8, IMAGE_START, IMAGE, IMAGE_END, 9, IMAGE_START, IMAGE, IMAGE_END, 10, VIDEO_START, VIDEO, VIDEO_END, 11]
+    prompt = [
+        7,
+        8,
+        IMAGE_START,
+        IMAGE,
+        IMAGE_END,
+        9,
+        IMAGE_START,
+        IMAGE,
+        IMAGE_END,
+        10,
+        VIDEO_START,
+        VIDEO,
+        VIDEO_END,
+        11,
+    ]
     inputs = expand_placeholders(prompt, ours.config, image_inputs["image_grid_thw"], video_inputs["video_grid_thw"])
     grids = image_inputs["image_grid_thw"]
     assert int((inputs["input_ids"] == IMAGE).sum()) == int(grids.prod(-1).sum()) // 4
@@ -40,10 +63,18 @@ def test_processed_prompt_matches_transformers(models):
     # transformers' processor builds the MoE token types from the ids alone (the method needs no tokenizer state
     # beyond the token ids, set here on a bare instance).
     reference_types = Ernie4_5_VLMoeProcessor.__new__(Ernie4_5_VLMoeProcessor)
-    for name, value in dict(image_token_id=IMAGE, image_start_token_id=IMAGE_START, image_end_token_id=IMAGE_END,
-                            video_token_id=VIDEO, video_start_token_id=VIDEO_START, video_end_token_id=VIDEO_END).items():
+    for name, value in dict(
+        image_token_id=IMAGE,
+        image_start_token_id=IMAGE_START,
+        image_end_token_id=IMAGE_END,
+        video_token_id=VIDEO,
+        video_start_token_id=VIDEO_START,
+        video_end_token_id=VIDEO_END,
+    ).items():
         setattr(reference_types, name, value)
-    assert torch.equal(inputs["moe_mm_token_type_ids"], reference_types.create_moe_mm_token_type_ids(inputs["input_ids"]))
+    assert torch.equal(
+        inputs["moe_mm_token_type_ids"], reference_types.create_moe_mm_token_type_ids(inputs["input_ids"])
+    )
     with torch.no_grad():
         ref = hf_model(**inputs).logits
         got = ours(**inputs)

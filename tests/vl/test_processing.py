@@ -177,3 +177,33 @@ def test_bad_images(tmp_path):
         ImageProcessor()(random_image(2, 500))
     with pytest.raises(MediaError, match="offline"):
         load_image("http://127.0.0.1:9/picture.png")
+
+
+def write_video(path, frames, fps):
+    av = pytest.importorskip("av")
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuv420p"
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def test_video_file_decoded_with_pyav(tmp_path):
+    """A file (and the same bytes as a data: URI) decodes to its frames; its own fps drives fps sampling."""
+    frames = np.stack([np.full((56, 84, 3), 30 * i, dtype=np.uint8) for i in range(6)])
+    write_video(tmp_path / "clip.mp4", frames, fps=4)
+    processor = VideoProcessor(**SMALL, draw_on_frames=False, fps=2.0, min_frames=1)
+    got = processor(tmp_path / "clip.mp4")
+    assert got["video_grid_thw"].tolist() == [[4, 4, 6]]  # 6 frames at 4 fps -> 3 at 2 fps, padded to 4
+    unsampled = VideoProcessor(**SMALL, draw_on_frames=False, do_sample_frames=False)
+    expected = unsampled(frames[[0, 2, 4]])["pixel_values_videos"]
+    assert (got["pixel_values_videos"] - expected).abs().mean().item() < 0.05  # lossy codec, flat frames
+    uri = "data:video/mp4;base64," + base64.b64encode((tmp_path / "clip.mp4").read_bytes()).decode()
+    assert torch.equal(processor(uri)["pixel_values_videos"], got["pixel_values_videos"])
+    (tmp_path / "junk.mp4").write_bytes(b"no video here")
+    with pytest.raises(MediaError, match="not a decodable video"):
+        processor(tmp_path / "junk.mp4")
