@@ -136,24 +136,6 @@ def test_video_timestamps_drawn():
         VideoProcessor(**SMALL, font="missing.ttf")(video)
 
 
-@pytest.mark.parametrize("draw", [False, True])
-def test_video_processor_equals_transformers(draw):
-    """Needs torchvision (transformers' video processor imports it); skipped where it is not installed."""
-    pytest.importorskip("torchvision")
-    from transformers import Ernie4_5_VLMoeVideoProcessor
-    from transformers.video_utils import VideoMetadata
-
-    hf = Ernie4_5_VLMoeVideoProcessor(draw_on_frames=draw, font=FONT)
-    ours = VideoProcessor(draw_on_frames=draw, font=FONT)
-    for frames, h, w in ((5, 60, 80), (4, 300, 200)):
-        video = random_video(frames, h, w)
-        meta = VideoMetadata(total_num_frames=frames, fps=2.0)
-        ref = hf(video, video_metadata=[meta], return_tensors="pt")
-        got = ours(video, video_fps=2.0)
-        assert torch.equal(got["video_grid_thw"], ref["video_grid_thw"])
-        assert torch.equal(got["pixel_values_videos"], ref["pixel_values_videos"])
-
-
 # ---- bad inputs ----------------------------------------------------------------------------------------------
 def test_bad_images(tmp_path):
     (tmp_path / "junk.png").write_bytes(b"not an image at all")
