@@ -45,10 +45,11 @@ def _api_key_check(api_key: str | None):
 
 def build_app(front: AsyncLLM, tokenizer, served_model_name: str, api_key: str | None = None,
               max_queue: int | None = None, model_root: str | None = None, max_images_per_prompt: int = 8,
-              max_videos_per_prompt: int = 2) -> FastAPI:
+              max_videos_per_prompt: int = 2, allowed_local_media_path: str | None = None) -> FastAPI:
     """An app serving `front`; its lifespan shuts the engine thread down when the server stops."""
     ctx = ServingContext(front, tokenizer, served_model_name, max_queue=max_queue, model_root=model_root,
-                         max_images_per_prompt=max_images_per_prompt, max_videos_per_prompt=max_videos_per_prompt)
+                         max_images_per_prompt=max_images_per_prompt, max_videos_per_prompt=max_videos_per_prompt,
+                         allowed_local_media_path=allowed_local_media_path)
     created = int(time.time())
     stopping = asyncio.Event()
 

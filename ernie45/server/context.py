@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import jinja2
@@ -60,7 +61,8 @@ class Admission:
 
 class ServingContext:
     def __init__(self, front: AsyncLLM, tokenizer, served_model_name: str, max_queue: int | None = None,
-                 model_root: str | None = None, max_images_per_prompt: int = 8, max_videos_per_prompt: int = 2):
+                 model_root: str | None = None, max_images_per_prompt: int = 8, max_videos_per_prompt: int = 2,
+                 allowed_local_media_path: str | None = None):
         self.front = front
         self.engine = front.engine
         self.tokenizer = tokenizer
@@ -73,6 +75,8 @@ class ServingContext:
         self.metrics = ServerMetrics(self.engine.stats, served_model_name, self.admission.num_queued)
         self._token_text: dict[int, str] = {}
         self.media_limits = {"image": max_images_per_prompt, "video": max_videos_per_prompt}
+        self.allowed_local_media_path = (Path(allowed_local_media_path).resolve()
+                                         if allowed_local_media_path else None)
 
     # ------------------------------------------------------------------------------------ checks
     def check_model(self, name: str | None) -> None:
@@ -147,10 +151,29 @@ class ServingContext:
             if count > limit:
                 raise bad_request(f"{count} {media}s in the request; this server accepts at most {limit} per request",
                                   param="messages", code="too_many_media")
+        for m in plain:
+            for part in m["content"] if isinstance(m.get("content"), list) else ():
+                if part.get("type") in ("image_url", "video_url"):
+                    self.check_media_url(part[part["type"]]["url"])
         try:
             return split_content_parts(plain, self.engine.model.config, self.tokenizer)
         except ValueError as exc:
             raise bad_request(str(exc), param="messages") from None
+
+    def check_media_url(self, url: str) -> None:
+        """data: URIs and http(s) URLs are always allowed; a local path (or file:// URL) only inside
+        --allowed-local-media-path (vLLM's rule): a client must not read the server's files."""
+        if url.startswith(("data:", "http://", "https://")):
+            return
+        path = url.removeprefix("file://")
+        if self.allowed_local_media_path is None:
+            raise bad_request("local media paths are not allowed on this server (start it with "
+                              "--allowed-local-media-path DIR); send a data: URI or an http(s) URL",
+                              param="messages", code="invalid_media")
+        resolved = Path(path).resolve()
+        if not resolved.is_relative_to(self.allowed_local_media_path):
+            raise bad_request(f"{path} is outside the allowed local media directory", param="messages",
+                              code="invalid_media")
 
     async def prepare_media(self, text: str | None, ids: list[int], data: dict) -> dict:
         """The engine prompt; with media, their placeholders expanded and pixels processed (off the event loop)."""

@@ -33,6 +33,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="engine seed for requests that bring none")
     p.add_argument("--limit-images", type=int, default=8, help="VL models: most images per chat request")
     p.add_argument("--limit-videos", type=int, default=2, help="VL models: most videos per chat request")
+    p.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
+                   help="VL models: image/video parts may name local files under DIR (default: none; data: URIs "
+                        "and http(s) URLs only)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--shutdown-timeout", type=float, default=5.0,
                    help="seconds in-flight requests get to finish after SIGINT/SIGTERM before they are aborted")
@@ -70,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         app = build_app(front, tokenizer, args.served_model_name or args.model or "ernie45",
                         api_key=args.api_key, max_queue=args.max_queue, model_root=str(model.source_dir),
-                        max_images_per_prompt=args.limit_images, max_videos_per_prompt=args.limit_videos)
+                        max_images_per_prompt=args.limit_images, max_videos_per_prompt=args.limit_videos,
+                        allowed_local_media_path=args.allowed_local_media_path)
         config = uvicorn.Config(
             app, host=args.host, port=args.port, log_level=args.log_level, access_log=False, log_config=None,
             timeout_graceful_shutdown=args.shutdown_timeout + _BACKSTOP_SECONDS,

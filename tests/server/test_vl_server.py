@@ -70,6 +70,8 @@ def test_openai_client_sends_a_png(vl_client):
         ("data:image/png;base64," + base64.b64encode(b"not a png").decode(), "not a decodable image"),
         ("data:image/png;base64,@@", "base64"),
         (huge_png_uri(), "exceeds the limit"),
+        ("/etc/hostname", "local media paths are not allowed"),
+        ("file:///etc/passwd", "local media paths are not allowed"),
     ],
 )
 def test_bad_image_is_400(vl_client, url, message):
