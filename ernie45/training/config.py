@@ -41,7 +41,6 @@ NOT_SUPPORTED = {
     "recompute_granularity": ({"full"}, "only full-layer recompute is implemented (recompute: true)"),
     "layerwise_lr_decay_bound": ({1}, "layer-wise lr decay is not implemented"),
     "mix_strategy": ({"random"}, "only weighted random mixing (train_dataset_prob) is implemented"),
-    "simpo_gamma": ({0}, "SimPO is not implemented; loss_type sigmoid or ipo"),
     "offset_alpha": ({0}, "DPO offset is not implemented"),
     "ref_model_update_steps": ({-1}, "reference model updates are not implemented; the reference is the start model"),
     "label_smoothing": ({0}, "DPO label smoothing is not implemented"),
@@ -62,6 +61,7 @@ NO_EFFECT = {
     "num_samples_each_epoch", "use_template", "padding_free", "truncate_packing", "recompute_method",
     "recompute_num_layers", "sharding", "save_checkpoint_format", "load_checkpoint_format", "moe_group",
     "use_huggingface_model", "save_hf_steps", "split", "weight_quantize_algo",
+    "simpo_gamma",  # read only by loss_type simpo, which is rejected
 }
 # ERNIEKit / PaddleNLP spellings of our keys.
 ALIASES = {"per_device_train_batch_size": "batch_size"}
@@ -357,8 +357,11 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> TrainConfig
     kwargs: dict[str, Any] = {}
     accepted: dict[str, Any] = {}
     for key, value in raw.items():
-        if key in ("accepted_hints",):
-            raise ConfigError(f"{source}: {key} is filled by the loader, not a config key")
+        if key == "accepted_hints":  # a dumped config (train_config.json) read back
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: accepted_hints is filled by the loader; expected a mapping, got {value!r}")
+            accepted.update(value)
+            continue
         if key == "bf16":  # PaddleNLP's switch
             if value:
                 kwargs["compute_type"] = "bf16"

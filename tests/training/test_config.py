@@ -37,6 +37,7 @@ def test_erniekit_sft_config_runs_unchanged(tmp_path):
     cfg = config_from_dict(raw)
     assert (cfg.fine_tuning, cfg.stage, cfg.batch_size, cfg.compute_type) == ("Full", "SFT", 2, "bf16")
     assert cfg.accepted_hints["fuse_rope"] is True and cfg.accepted_hints["tensor_parallel_degree"] == 1
+    assert config_from_dict(dataclasses.asdict(cfg)) == cfg  # a dumped config (train_config.json) reads back
 
 
 def test_known_erniekit_key_we_lack_is_not_supported():
