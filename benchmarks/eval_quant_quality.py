@@ -26,16 +26,16 @@ from ernie45.quant import convert_qat, prepare_qat, quantize
 from ernie45.tokenizer import load_tokenizer
 
 VARIANTS = {
-    "int8-rtn": dict(bits=8, method="rtn"),
-    "int4-rtn": dict(bits=4, method="rtn"),
-    "int4-gptq": dict(bits=4, method="gptq"),
-    "2bit-rtn": dict(bits=2, method="rtn"),
-    "2bit-gptq": dict(bits=2, method="gptq"),
-    "2bit-hqq": dict(bits=2, method="hqq"),
-    "2bit-gptq-hqq": dict(bits=2, method="gptq-hqq"),
-    "2bit-gptq-refit": dict(bits=2, method="gptq-refit"),
-    "int4-gptq-refit": dict(bits=4, method="gptq-refit"),
-    "mixed-2bit-gptq-refit": dict(bits=2, method="gptq-refit", recipe="mixed-2bit"),
+    "int8-rtn": {"bits": 8, "method": "rtn"},
+    "int4-rtn": {"bits": 4, "method": "rtn"},
+    "int4-gptq": {"bits": 4, "method": "gptq"},
+    "2bit-rtn": {"bits": 2, "method": "rtn"},
+    "2bit-gptq": {"bits": 2, "method": "gptq"},
+    "2bit-hqq": {"bits": 2, "method": "hqq"},
+    "2bit-gptq-hqq": {"bits": 2, "method": "gptq-hqq"},
+    "2bit-gptq-refit": {"bits": 2, "method": "gptq-refit"},
+    "int4-gptq-refit": {"bits": 4, "method": "gptq-refit"},
+    "mixed-2bit-gptq-refit": {"bits": 2, "method": "gptq-refit", "recipe": "mixed-2bit"},
 }
 
 
