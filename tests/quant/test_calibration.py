@@ -8,10 +8,21 @@ from ernie45.quant.calibration import EXPERT_PRIOR_TOKENS, ExpertStats, calibrat
 
 
 def experts() -> Experts:
-    config = Ernie45Config.from_dict({"model_type": "ernie4_5_moe", "vocab_size": 64, "hidden_size": 32,
-                                      "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-                                      "num_key_value_heads": 2, "head_dim": 16, "moe_num_experts": 4, "moe_k": 2,
-                                      "moe_intermediate_size": 16})
+    config = Ernie45Config.from_dict(
+        {
+            "model_type": "ernie4_5_moe",
+            "vocab_size": 64,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "moe_num_experts": 4,
+            "moe_k": 2,
+            "moe_intermediate_size": 16,
+        }
+    )
     module = Experts(config)
     torch.nn.init.normal_(module.gate_up_proj, std=0.3)
     torch.nn.init.normal_(module.down_proj, std=0.3)
@@ -51,8 +62,10 @@ def test_down_projection_statistics_run_every_token_through_every_expert():
 
 def test_jsonl_formats_and_sample_cutting(tmp_path):
     path = tmp_path / "calib.jsonl"
-    path.write_text('"plain string"\n{"text": "a text"}\n{"prompt": "p", "response": "r"}\n'
-                    '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
+    path.write_text(
+        '"plain string"\n{"text": "a text"}\n{"prompt": "p", "response": "r"}\n'
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+    )
     texts = read_calibration_texts(path)
     assert texts == ["plain string", "a text", "p\nr", "hi\nyo"]
 
