@@ -35,11 +35,20 @@ from ernie45.quant import QuantizedLinear, build_config, quantize_model
 
 
 def config_for(args) -> Ernie45Config:
-    return Ernie45Config.from_dict({
-        "model_type": "ernie4_5", "hidden_size": 1024, "num_hidden_layers": args.layers, "intermediate_size": 3072,
-        "num_attention_heads": 16, "num_key_value_heads": 2, "head_dim": 128, "vocab_size": args.vocab,
-        "tie_word_embeddings": True, "initializer_range": 0.02,
-    })
+    return Ernie45Config.from_dict(
+        {
+            "model_type": "ernie4_5",
+            "hidden_size": 1024,
+            "num_hidden_layers": args.layers,
+            "intermediate_size": 3072,
+            "num_attention_heads": 16,
+            "num_key_value_heads": 2,
+            "head_dim": 128,
+            "vocab_size": args.vocab,
+            "tie_word_embeddings": True,
+            "initializer_range": 0.02,
+        }
+    )
 
 
 def cpu_name() -> str:
@@ -78,7 +87,9 @@ def quantized_linear_bytes(model) -> tuple[int, int]:
     for module in model.modules():
         if isinstance(module, QuantizedLinear):
             actual += unique_bytes([t for t in (module.qweight, module.scales, module.qzeros) if t is not None])
-            params = module.out_features * module.in_features * (module.qweight.shape[0] if module.qweight.dim() == 3 else 1)
+            params = (
+                module.out_features * module.in_features * (module.qweight.shape[0] if module.qweight.dim() == 3 else 1)
+            )
             groups = params // module.group_size
             ideal += params * module.spec.bits // 8 + groups * 2
     return actual, ideal
@@ -131,8 +142,12 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=18)
     parser.add_argument("--vocab", type=int, default=103424)
     parser.add_argument("--steps", type=int, default=8, help="timed decode steps per case and round")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="rounds over all variants, interleaved so that drifting load hits each alike (median reported)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="rounds over all variants, interleaved so that drifting load hits each alike (median reported)",
+    )
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--variants", default="fp32,bf16,int8,int4,2-bit")
     parser.add_argument("--keep-lm-head", action="store_true", help="leave lm_head in the model dtype")
@@ -152,7 +167,11 @@ def main() -> None:
         print(f"  round {round_index + 1}/{args.rounds} done", flush=True)
     rows = []
     for name, model in models.items():
-        row = {"variant": name, "resident_bytes": unique_bytes(model.parameters()), "read_bytes": bytes_read_per_step(model)}
+        row = {
+            "variant": name,
+            "resident_bytes": unique_bytes(model.parameters()),
+            "read_bytes": bytes_read_per_step(model),
+        }
         actual, ideal = quantized_linear_bytes(model)
         if ideal:
             row.update(quant_bytes=actual, ideal_bytes=ideal, vs_ideal=actual / ideal)
@@ -166,8 +185,10 @@ def main() -> None:
     header = f"{'variant':8} {'resident MB':>11} {'read/step MB':>12} {'vs ideal':>8}"
     for b in batches:
         header += f" {'tok/s b' + str(b):>11} {'x fp32':>7} {'GB/s':>6}"
-    print(f"\n{cpu_name()}, {args.threads} threads, torch {torch.__version__}, {args.layers} layers, vocab {args.vocab}"
-          f", lm_head {'kept' if args.keep_lm_head else 'quantized'}")
+    print(
+        f"\n{cpu_name()}, {args.threads} threads, torch {torch.__version__}, {args.layers} layers, vocab {args.vocab}"
+        f", lm_head {'kept' if args.keep_lm_head else 'quantized'}"
+    )
     print(header)
     for r in rows:
         line = f"{r['variant']:8} {r['resident_bytes'] / 1e6:11.1f} {r['read_bytes'] / 1e6:12.1f} "
@@ -177,8 +198,19 @@ def main() -> None:
             r[f"x_fp32_b{b}"] = ratio
             line += f" {r[f'tok_s_b{b}']:11.1f} {ratio:7.2f} {r[f'gb_s_b{b}']:6.1f}"
         print(line)
-    print(json.dumps({"bench": "quant", "cpu": cpu_name(), "threads": args.threads, "layers": args.layers,
-                      "vocab": args.vocab, "lm_head_quantized": not args.keep_lm_head, "rows": rows}))
+    print(
+        json.dumps(
+            {
+                "bench": "quant",
+                "cpu": cpu_name(),
+                "threads": args.threads,
+                "layers": args.layers,
+                "vocab": args.vocab,
+                "lm_head_quantized": not args.keep_lm_head,
+                "rows": rows,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

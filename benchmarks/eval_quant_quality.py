@@ -1,8 +1,9 @@
 """Held-out perplexity of a checkpoint and of its weight-only quantized versions (quality does not depend on
 machine load, so these figures may be taken anywhere).
 
-Variants: int8 RTN; int4 RTN vs GPTQ (vs GPTQ + grid refit); 2-bit RTN vs GPTQ vs HQQ (diag-weighted with the
-calibration data) vs GPTQ over HQQ grids vs GPTQ + least-squares grid refit (our 2-bit method); the mixed-2bit recipe; and, with --qat-steps, 2-bit QAT (fake-quant STE fine-tuning on the calibration text) vs PTQ.
+Variants: int8 RTN; int4 RTN vs GPTQ (vs GPTQ + grid refit); 2-bit RTN vs GPTQ vs HQQ (diag-weighted with
+the calibration data) vs GPTQ over HQQ grids vs GPTQ + least-squares grid refit (our 2-bit method); the
+mixed-2bit recipe; and, with --qat-steps, 2-bit QAT vs full-precision fine-tuning of the same steps.
 Prints a table (ppl, delta vs the full-precision model, bytes on disk of the quantized checkpoint) and one JSON line.
 
     python benchmarks/eval_quant_quality.py --model DIR --text heldout.txt --calib train.txt
@@ -26,16 +27,16 @@ from ernie45.quant import convert_qat, prepare_qat, quantize
 from ernie45.tokenizer import load_tokenizer
 
 VARIANTS = {
-    "int8-rtn": dict(bits=8, method="rtn"),
-    "int4-rtn": dict(bits=4, method="rtn"),
-    "int4-gptq": dict(bits=4, method="gptq"),
-    "2bit-rtn": dict(bits=2, method="rtn"),
-    "2bit-gptq": dict(bits=2, method="gptq"),
-    "2bit-hqq": dict(bits=2, method="hqq"),
-    "2bit-gptq-hqq": dict(bits=2, method="gptq-hqq"),
-    "2bit-gptq-refit": dict(bits=2, method="gptq-refit"),
-    "int4-gptq-refit": dict(bits=4, method="gptq-refit"),
-    "mixed-2bit-gptq-refit": dict(bits=2, method="gptq-refit", recipe="mixed-2bit"),
+    "int8-rtn": {"bits": 8, "method": "rtn"},
+    "int4-rtn": {"bits": 4, "method": "rtn"},
+    "int4-gptq": {"bits": 4, "method": "gptq"},
+    "2bit-rtn": {"bits": 2, "method": "rtn"},
+    "2bit-gptq": {"bits": 2, "method": "gptq"},
+    "2bit-hqq": {"bits": 2, "method": "hqq"},
+    "2bit-gptq-hqq": {"bits": 2, "method": "gptq-hqq"},
+    "2bit-gptq-refit": {"bits": 2, "method": "gptq-refit"},
+    "int4-gptq-refit": {"bits": 4, "method": "gptq-refit"},
+    "mixed-2bit-gptq-refit": {"bits": 2, "method": "gptq-refit", "recipe": "mixed-2bit"},
 }
 
 
@@ -121,20 +122,35 @@ def main() -> None:
             model = quantize(model_dir, scratch / name, **kwargs)
             seconds = time.perf_counter() - start
             ppl = perplexity(model, windows)
-            rows.append({"variant": name, "ppl": ppl, "delta_pct": 100 * (ppl / base_ppl - 1),
-                         "disk_bytes": disk_bytes(scratch / name), "quantize_s": seconds})
+            rows.append(
+                {
+                    "variant": name,
+                    "ppl": ppl,
+                    "delta_pct": 100 * (ppl / base_ppl - 1),
+                    "disk_bytes": disk_bytes(scratch / name),
+                    "quantize_s": seconds,
+                }
+            )
             print(f"{name}: ppl {ppl:.3f} ({rows[-1]['delta_pct']:+.2f}%) in {seconds:.0f} s", flush=True)
             shutil.rmtree(scratch / name)
         if args.qat_steps:
             calib_text = Path(args.calib).read_text(encoding="utf-8")
             tuned_ppl = None
             for qat in (False, True):
-                model = finetuned(model_dir, calib_text, tokenizer, args.qat_steps, args.seq_len, args.group_size_2bit, qat)
+                model = finetuned(
+                    model_dir, calib_text, tokenizer, args.qat_steps, args.seq_len, args.group_size_2bit, qat
+                )
                 ppl = perplexity(model, windows)
                 name = f"{'2bit-qat' if qat else 'fp-finetuned'}-{args.qat_steps}steps"
                 ernie45.save_model(model, scratch / name)
-                rows.append({"variant": name, "ppl": ppl, "delta_pct": 100 * (ppl / base_ppl - 1),
-                             "disk_bytes": disk_bytes(scratch / name)})
+                rows.append(
+                    {
+                        "variant": name,
+                        "ppl": ppl,
+                        "delta_pct": 100 * (ppl / base_ppl - 1),
+                        "disk_bytes": disk_bytes(scratch / name),
+                    }
+                )
                 if qat:
                     rows[-1]["delta_vs_finetuned_pct"] = 100 * (ppl / tuned_ppl - 1)
                 tuned_ppl = ppl

@@ -46,12 +46,25 @@ def main() -> None:
     ids = torch.tensor(tokenizer.encode(text[:split]))
     print(f"{len(ids)} training tokens, vocab {len(tokenizer)}", flush=True)
 
-    config = Ernie45Config.from_dict({
-        "model_type": "ernie4_5_moe", "vocab_size": len(tokenizer), "hidden_size": 256, "intermediate_size": 512,
-        "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
-        "moe_num_experts": 8, "moe_k": 2, "moe_intermediate_size": 256, "moe_num_shared_experts": 1,
-        "moe_layer_start_index": 1, "initializer_range": 0.02, "tie_word_embeddings": True,
-    })
+    config = Ernie45Config.from_dict(
+        {
+            "model_type": "ernie4_5_moe",
+            "vocab_size": len(tokenizer),
+            "hidden_size": 256,
+            "intermediate_size": 512,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 64,
+            "moe_num_experts": 8,
+            "moe_k": 2,
+            "moe_intermediate_size": 256,
+            "moe_num_shared_experts": 1,
+            "moe_layer_start_index": 1,
+            "initializer_range": 0.02,
+            "tie_word_embeddings": True,
+        }
+    )
     model = build_empty_model(config, torch.float32)
     model.init_weights(torch.Generator().manual_seed(0))
     model.train()

@@ -151,6 +151,29 @@ INLINE float hsum(f32x16 v) {
 #endif
 }
 
+/* Bit field `shift` of 16 packed bytes, widened to fp32 (shift is a constant at every call site). */
+INLINE f32x16 widen_codes(u8x16 bytes, int shift, int BITS) {
+#if defined(__AVX2__)
+    __m128i q = (__m128i)bytes;
+    if (BITS != 8) q = _mm_and_si128(_mm_srli_epi16(q, shift), _mm_set1_epi8((char)((1u << BITS) - 1)));
+#if defined(__AVX512F__)
+    return (f32x16)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q));
+#else
+    const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q));
+    const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(q, 8)));
+    f32x16 out;
+    memcpy(&out, &lo, sizeof lo);
+    memcpy((char *)&out + sizeof lo, &hi, sizeof hi);
+    return out;
+#endif
+#else
+    u8x16 q = BITS == 8 ? bytes : (u8x16)((bytes >> shift) & (uint8_t)((1u << BITS) - 1));
+    f32x16 out;
+    for (int j = 0; j < 16; ++j) out[j] = (float)q[j];
+    return out;
+#endif
+}
+
 /* The 16 codes of weights [16 v, 16 v + 16) of a packed row, widened to fp32. BITS is a compile-time constant at
  * every call site. */
 INLINE f32x16 codes16(const uint8_t *row, int64_t v, int BITS) {
@@ -201,6 +224,34 @@ INLINE void rows_direct(const uint8_t *qw, int64_t row_bytes, const uint16_t *sc
         f32x16 acc[TILE_R][2];
 #pragma GCC unroll 4
         for (int r = 0; r < TILE_R; ++r) acc[r][0] = acc[r][1] = (f32x16){0};
+        if (BITS != 8 && vecs_per_group % (8 / BITS) == 0) {
+            /* Whole blocks: one 16-byte load per row feeds 8/BITS vectors, each cut with a constant shift. */
+            const int per = 8 / BITS;
+            for (int64_t b = g * vecs_per_group / per; b < (g + 1) * vecs_per_group / per; ++b) {
+                if (((b * 16) & 63) == 0)
+#pragma GCC unroll 4
+                    for (int r = 0; r < R; ++r)
+                        __builtin_prefetch(qw + (n0 + r) * row_bytes + b * 16 + PREFETCH_BYTES, 0, 1);
+                u8x16 bytes[TILE_R];
+#pragma GCC unroll 4
+                for (int r = 0; r < R; ++r) bytes[r] = *(const u8x16_u *)(qw + (n0 + r) * row_bytes + b * 16);
+#pragma GCC unroll 4
+                for (int f = 0; f < per; ++f) {
+                    f32x16 xv[2] = {{0}, {0}};
+#pragma GCC unroll 2
+                    for (int m = 0; m < MT; ++m) {
+                        xv[m] = *(const f32x16_u *)(x + m * K + (b * per + f) * 16);
+                        KEEP_IN_REGISTER(xv[m]);
+                    }
+#pragma GCC unroll 4
+                    for (int r = 0; r < R; ++r) {
+                        const f32x16 w = widen_codes(bytes[r], f * BITS, BITS);
+#pragma GCC unroll 2
+                        for (int m = 0; m < MT; ++m) acc[r][m] += w * xv[m];
+                    }
+                }
+            }
+        } else
         for (int64_t v = g * vecs_per_group; v < (g + 1) * vecs_per_group; ++v) {
             if (((v * 16 * BITS / 8) & 63) == 0)
 #pragma GCC unroll 4

@@ -27,7 +27,11 @@ MAX_ROWS = 64
 
 # Must match the enums in qgemv.c.
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-_ERRORS = {1: "unsupported dtype", 2: "bad shape (K or group size not a multiple of 16, or short rows)", 3: "out of memory"}
+_ERRORS = {
+    1: "unsupported dtype",
+    2: "bad shape (K or group size not a multiple of 16, or short rows)",
+    3: "out of memory",
+}
 
 
 @functools.cache
@@ -88,7 +92,9 @@ def qgemv(
         if t is not None and not t.is_contiguous():
             raise ValueError(f"qgemv: {name} must be contiguous")
     if scales.dtype != torch.float16 or (zeros is not None and zeros.dtype != torch.uint8):
-        raise ValueError(f"qgemv: scales must be fp16 and zeros uint8, got {scales.dtype} and {getattr(zeros, 'dtype', None)}")
+        raise ValueError(
+            f"qgemv: scales must be fp16 and zeros uint8, got {scales.dtype} and {getattr(zeros, 'dtype', None)}"
+        )
     x = x.contiguous()
     y = torch.empty((*x.shape[:-1], N), dtype=x.dtype)
     code = _DTYPE_CODES[x.dtype]

@@ -15,7 +15,20 @@ from .quantized_linear import QuantizedExperts, QuantizedLinear
 from .spec import QuantSpec
 
 __all__ = [
-    "PackedWeight", "QuantSpec", "QuantizationConfig", "QuantizedExperts", "QuantizedLinear", "build_config",
-    "convert_qat", "default_spec", "dequantize", "dequantize_model", "pack_codes", "prepare_qat", "quantize",
-    "quantize_model", "set_use_kernel", "unpack_codes",
+    "PackedWeight",
+    "QuantSpec",
+    "QuantizationConfig",
+    "QuantizedExperts",
+    "QuantizedLinear",
+    "build_config",
+    "convert_qat",
+    "default_spec",
+    "dequantize",
+    "dequantize_model",
+    "pack_codes",
+    "prepare_qat",
+    "quantize",
+    "quantize_model",
+    "set_use_kernel",
+    "unpack_codes",
 ]

@@ -75,14 +75,15 @@ def calibration_samples(tokenizer, texts: list[str], num_samples: int, seq_len: 
 
 
 class InputStats:
-    """Running sum of x x^T over inputs x [.., K] and their count."""
+    """Running sum of x x^T over inputs x [.., K] and their count (fp32, as GPTQ's reference code: fp64 matmuls
+    cost several times more and the sums are of a few thousand positive-semidefinite terms)."""
 
     def __init__(self, K: int):
-        self.xtx = torch.zeros(K, K, dtype=torch.float64)
+        self.xtx = torch.zeros(K, K, dtype=torch.float32)
         self.count = 0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).double()
+        x = x.reshape(-1, x.shape[-1]).float()
         self.xtx += x.T @ x
         self.count += x.shape[0]
 

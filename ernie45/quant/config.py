@@ -38,7 +38,8 @@ class QuantizationConfig:
     """How a model is (to be) quantized."""
 
     method: str = "rtn"
-    """rtn | gptq | hqq | gptq-hqq | gptq-refit: how codes and group parameters were chosen (the runtime format is the same)."""
+    """rtn | gptq | hqq | gptq-hqq | gptq-refit: how codes and group parameters were chosen (the runtime format
+    is the same for all)."""
     default: QuantSpec = field(default_factory=lambda: default_spec(4))
     """Format of every quantizable module no override matches."""
     overrides: dict[str, QuantSpec | None] = field(default_factory=dict)
@@ -87,13 +88,17 @@ class QuantizationConfig:
             return cls(
                 method=raw.get("method", "rtn"),
                 default=default,
-                overrides={p: None if s is None else QuantSpec.from_dict(s) for p, s in raw.get("overrides", {}).items()},
+                overrides={
+                    p: None if s is None else QuantSpec.from_dict(s) for p, s in raw.get("overrides", {}).items()
+                },
                 recipe=raw.get("recipe"),
                 act_order=raw.get("act_order", True),
                 modules={n: QuantSpec.from_dict(s) for n, s in raw.get("modules", {}).items()},
             )
         except (KeyError, TypeError) as exc:
-            raise ValueError(f"quantization_config is malformed ({exc!r}); expected bits, group_size, symmetric, modules") from exc
+            raise ValueError(
+                f"quantization_config is malformed ({exc!r}); expected bits, group_size, symmetric, modules"
+            ) from exc
 
 
 def _matches_any(name: str, patterns) -> bool:

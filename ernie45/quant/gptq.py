@@ -41,8 +41,13 @@ def inverse_hessian_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 def gptq_quantize(
-    w_NK: torch.Tensor, H_KK: torch.Tensor, spec: QuantSpec, damp: float = 0.01, act_order: bool = False,
-    name: str = "weight", choose_group_params: Callable | None = None,
+    w_NK: torch.Tensor,
+    H_KK: torch.Tensor,
+    spec: QuantSpec,
+    damp: float = 0.01,
+    act_order: bool = False,
+    name: str = "weight",
+    choose_group_params: Callable | None = None,
 ) -> PackedWeight:
     """GPTQ-quantize one weight [N, K] given its input Hessian [K, K].
 
@@ -62,7 +67,9 @@ def gptq_quantize(
     if choose_group_params is None:
         choose_group_params = lambda w, sp, cw: group_params(w, sp)
     if act_order:
-        static_scale, static_zero = choose_group_params(W.view(N, K // S, S), spec, (diag / diag.mean()).view(K // S, S))
+        static_scale, static_zero = choose_group_params(
+            W.view(N, K // S, S), spec, (diag / diag.mean()).view(K // S, S)
+        )
     W, H = W[:, perm], H[perm][:, perm]
     U = inverse_hessian_cholesky(H, damp)
 
@@ -117,7 +124,8 @@ def refit_group_params(w_NK: torch.Tensor, H_KK: torch.Tensor, packed: PackedWei
     H = H_KK.double()
     q = unpack_codes(packed.qweight, spec.bits, K).double().view(N, G, S)
     H4 = H.view(G, S, G, S)
-    # Normal equations M theta = r, theta = (s_1..s_G, b_1..b_G); blocks of A^T H A with A = [q per group | 1 per group].
+    # Normal equations M theta = r with theta = (s_1..s_G, b_1..b_G): the blocks of A^T H A for the design
+    # A = [codes of group g | indicator of group g].
     Hq = torch.einsum("gsht,nht->ngsh", H4, q)  # (H q)_k restricted by target group h: [N, G(row k), S, G(h)]
     M_ss = torch.einsum("ngs,ngsh->ngh", q, Hq)
     M_sb = torch.einsum("ngsh->ngh", Hq).transpose(1, 2)  # sum_k in g 1 * (H q_h)_k -> [N, g(b), h(s)]^T

@@ -65,7 +65,9 @@ def resolve_modules(model: nn.Module, config: QuantizationConfig) -> dict[str, Q
             by_owner.setdefault(unit.owner_name, []).append(name)
     for owner, names in by_owner.items():
         if len(names) == 1:
-            raise ValueError(f"{owner}: quantize both gate_up_proj and down_proj of the experts or neither (got {names[0]})")
+            raise ValueError(
+                f"{owner}: quantize both gate_up_proj and down_proj of the experts or neither (got {names[0]})"
+            )
     return resolved
 
 

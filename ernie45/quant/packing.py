@@ -2,10 +2,11 @@
 
 w[n, k] = (q[n, k] - z[n, g]) * s[n, g] with g = k // group_size and q in [0, 2^bits). s is fp16; z is stored as
 uint8 in steps of 2^bits / 256 (integral zero points exactly; fitted fractional ones, as HQQ's, to 1/64 of a
-step at 2 bits), a quarter of an fp16 pair's overhead at 2-bit group 64. Symmetric formats have no stored zero
-point (z = 2^(bits-1) for every group). Codes are packed per row in blocks of 16 bytes; a block holds
-16 * 8/bits consecutive weights, byte j's bit field s holding weight s*16 + j of the block, so the CPU kernel
-(kernels/qgemv.c) gets 16 consecutive weights from one load and one shift. Rows are padded to whole blocks.
+step at 2 bits): 2.375 bits per weight at 2-bit group 64 where an fp16 zero point would make it 2.5. Symmetric
+formats have no stored zero point (z = 2^(bits-1) for every group). Codes are packed per row in blocks of 16
+bytes; a block holds 16 * 8/bits consecutive weights, byte j's bit field s holding weight s*16 + j of the block,
+so the CPU kernel (kernels/qgemv.c) gets 16 consecutive weights from one load and one shift. Rows are padded
+to whole blocks.
 
 Legend: N output features (rows), K input features, G groups per row, E experts (optional leading dim).
 """

@@ -1,10 +1,10 @@
 """Offline quantization of a model: choose every unit's format, compute its codes with the chosen method, and
 swap the packed modules in. `quantize_model` works on a built model; `quantize` goes checkpoint -> checkpoint.
 
-Calibrated methods (gptq, gptq-hqq, gptq-refit, and hqq when data is given) run layer by layer, as GPTQ does: the calibration
-hidden states enter decoder layer l, its units' input statistics are recorded, its units are quantized and
-swapped in, and the QUANTIZED layer's outputs feed layer l+1, so each layer is fitted to the errors of the ones
-below it. Memory stays at one layer's statistics.
+Calibrated methods (gptq, gptq-hqq, gptq-refit, and hqq when data is given) run layer by layer, as GPTQ does:
+the calibration hidden states enter decoder layer l, its units' input statistics are recorded, its units are
+quantized and swapped in, and the QUANTIZED layer's outputs feed layer l+1, so each layer is fitted to the errors
+of the ones below it. Memory stays at one layer's statistics.
 """
 
 from __future__ import annotations
@@ -94,10 +94,12 @@ def _quantize_units(model, config: QuantizationConfig, names: list[str], stats: 
             expert_stats: ExpertStats | None = stats.get(unit.owner_name)
             hessians = expert_stats.hessians(unit.attr) if expert_stats else [None] * weight.shape[0]
             packed[name] = (
-                stack([
-                    quantize_weight(weight[e], spec, method, hessians[e], act_order, f"{name}[{e}]")
-                    for e in range(weight.shape[0])
-                ]),
+                stack(
+                    [
+                        quantize_weight(weight[e], spec, method, hessians[e], act_order, f"{name}[{e}]")
+                        for e in range(weight.shape[0])
+                    ]
+                ),
                 spec,
             )
         else:
@@ -108,7 +110,9 @@ def _quantize_units(model, config: QuantizationConfig, names: list[str], stats: 
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, config: QuantizationConfig, samples: list[torch.Tensor] | None = None) -> nn.Module:
+def quantize_model(
+    model: nn.Module, config: QuantizationConfig, samples: list[torch.Tensor] | None = None
+) -> nn.Module:
     """Quantize `model` in place per `config` (modules resolved by `build_config`); returns it, with the config
     recorded in `model.config.extra["quantization_config"]` so that saving writes it."""
     if config.method in CALIBRATED_METHODS and not samples:

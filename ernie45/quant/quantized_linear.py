@@ -18,7 +18,9 @@ from .packing import PackedWeight, dequantize, row_bytes
 from .spec import QuantSpec
 
 
-def quantized_matmul(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None, use_kernel: bool = True) -> torch.Tensor:
+def quantized_matmul(
+    x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None, use_kernel: bool = True
+) -> torch.Tensor:
     """x [..., K] @ dequant(w)^T (+ bias): the kernel for CPU decode rows, else dequantize + matmul."""
     if use_kernel and w.qweight.dim() == 2 and qgemv_kernel.supports(x, w.qweight, bias):
         return qgemv_kernel.qgemv(x, w.qweight, w.scales, w.zeros, w.bits, w.group_size, bias)
@@ -55,9 +57,15 @@ class QuantizedLinear(nn.Module):
         """False forces the reference (dequantize) path: for tests and for comparing the two."""
         lead = () if num_experts is None else (num_experts,)
         groups = in_features // self.group_size
-        self.qweight = _frozen(torch.zeros(*lead, out_features, row_bytes(in_features, spec.bits), dtype=torch.uint8, device=device))
+        self.qweight = _frozen(
+            torch.zeros(*lead, out_features, row_bytes(in_features, spec.bits), dtype=torch.uint8, device=device)
+        )
         self.scales = _frozen(torch.ones(*lead, out_features, groups, dtype=torch.float16, device=device))
-        self.qzeros = None if spec.symmetric else _frozen(torch.zeros(*lead, out_features, groups, dtype=torch.uint8, device=device))
+        self.qzeros = (
+            None
+            if spec.symmetric
+            else _frozen(torch.zeros(*lead, out_features, groups, dtype=torch.uint8, device=device))
+        )
         self.bias = _frozen(torch.zeros(out_features, dtype=bias_dtype, device=device)) if bias else None
 
     @classmethod

@@ -30,7 +30,9 @@ def group_params(w_NGS: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, to
     return scale, zero
 
 
-def codes_for(w_NGS: torch.Tensor, scale_NG: torch.Tensor, zero_NG: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:
+def codes_for(
+    w_NGS: torch.Tensor, scale_NG: torch.Tensor, zero_NG: torch.Tensor | None, spec: QuantSpec
+) -> torch.Tensor:
     """Nearest codes [N, G, S] (float, integral) for weights given each group's scale and zero point."""
     z = symmetric_zero(spec.bits) if zero_NG is None else zero_NG[..., None]
     return (w_NGS.float() / scale_NG[..., None] + z).round().clamp(0, spec.max_code)

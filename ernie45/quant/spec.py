@@ -24,7 +24,8 @@ class QuantSpec:
     def __post_init__(self):
         if self.bits not in SUPPORTED_BITS:
             raise ValueError(
-                f"bits must be one of {', '.join(map(str, SUPPORTED_BITS))} (weight-only int8/int4/int2), got {self.bits}"
+                f"bits must be one of {', '.join(map(str, SUPPORTED_BITS))} "
+                f"(weight-only int8/int4/int2), got {self.bits}"
             )
         if self.group_size != PER_CHANNEL and (self.group_size <= 0 or self.group_size % K_MULTIPLE):
             raise ValueError(
@@ -57,5 +58,7 @@ class QuantSpec:
         base = default.to_dict() if default else {}
         unknown = set(raw) - {"bits", "group_size", "symmetric"}
         if unknown:
-            raise ValueError(f"unknown quantization key(s) {', '.join(sorted(unknown))}; use bits, group_size, symmetric")
+            raise ValueError(
+                f"unknown quantization key(s) {', '.join(sorted(unknown))}; use bits, group_size, symmetric"
+            )
         return cls(**{**base, **raw})

@@ -84,7 +84,8 @@ def test_engine_generates_from_quantized_moe_checkpoint(quantized):
     _, path = quantized["mixed-2bit-gptq-hqq"]
     model, tok = ernie45.load_model(path), ernie45.load_tokenizer(path)
     assert isinstance(model.model.layers[0].self_attn.q_proj, QuantizedLinear)
-    engine = LLMEngine(model, tok, EngineConfig())
+    # A small KV pool: the default 1 GiB takes seconds to zero on a busy machine.
+    engine = LLMEngine(model, tok, EngineConfig(max_model_len=128, num_kv_blocks=32))
     prompts = [[5, 9, 17, 33, 40], [7, 8], list(range(3, 60))]
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     for i, ids in enumerate(prompts):
@@ -102,7 +103,7 @@ def test_engine_generates_from_quantized_moe_checkpoint(quantized):
 
 def test_llm_api_loads_quantized_checkpoint(quantized):
     _, path = quantized["int8-rtn"]
-    llm = ernie45.LLM(str(path))
+    llm = ernie45.LLM(str(path), max_model_len=64, num_kv_blocks=8)
     out = llm.generate(["hello"], ernie45.SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     assert len(out[0].outputs[0].token_ids) == 4
 

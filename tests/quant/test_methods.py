@@ -23,7 +23,9 @@ def output_error(W, X, packed) -> float:
     return float((X @ W.T - X @ packed.dequantize().T).pow(2).mean() / (X @ W.T).pow(2).mean())
 
 
-@pytest.mark.parametrize("spec", [QuantSpec(8, -1, True), QuantSpec(4, 32), QuantSpec(4, -1), QuantSpec(2, 32)], ids=str)
+@pytest.mark.parametrize(
+    "spec", [QuantSpec(8, -1, True), QuantSpec(4, 32), QuantSpec(4, -1), QuantSpec(2, 32)], ids=str
+)
 @pytest.mark.parametrize("act_order", [False, True])
 def test_gptq_reconstructs_layer_outputs_better_than_rtn(layer, spec, act_order):
     W, X, H = layer
@@ -48,7 +50,9 @@ def test_gptq_with_hqq_grids_beats_gptq_at_2_bits(layer):
     spec = QuantSpec(2, 32)
     for act_order in (False, True):
         gptq = output_error(W, X, gptq_quantize(W, H, spec, act_order=act_order))
-        combined = output_error(W, X, gptq_quantize(W, H, spec, act_order=act_order, choose_group_params=hqq_group_params))
+        combined = output_error(
+            W, X, gptq_quantize(W, H, spec, act_order=act_order, choose_group_params=hqq_group_params)
+        )
         assert combined < 0.9 * gptq, (act_order, gptq, combined)
 
 

@@ -17,8 +17,12 @@ from ernie45.quant.spec import QuantSpec
 def test_straight_through_gradient_reaches_the_full_precision_weights(tiny_moe):
     model = ernie45.load_model(tiny_moe)
     chosen = prepare_qat(model, bits=2, group_size=16, targets=["*.mlp.experts.*", "*.self_attn.q_proj"])
-    assert set(chosen) == {"model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj",
-                           "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"}
+    assert set(chosen) == {
+        "model.layers.1.mlp.experts.gate_up_proj",
+        "model.layers.1.mlp.experts.down_proj",
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.1.self_attn.q_proj",
+    }
     q_proj = model.model.layers[0].self_attn.q_proj
     original = q_proj.parametrizations.weight.original
     assert torch.equal(q_proj.weight, fake_quantize(original.detach(), QuantSpec(2, 16), 16))  # forward is quantized
@@ -62,8 +66,24 @@ def test_convert_exports_what_training_saw_and_round_trips(tiny_moe, tmp_path):
 
 def test_cli_quantize_writes_a_loadable_checkpoint(tiny_moe, calib_file, tmp_path, capsys):
     out = tmp_path / "int4"
-    argv = ["quantize", str(tiny_moe), "--bits", "4", "--group-size", "16", "--method", "gptq",
-            "--calib", str(calib_file), "--num-calib-samples", "2", "--calib-seq-len", "32", "--out", str(out)]
+    argv = [
+        "quantize",
+        str(tiny_moe),
+        "--bits",
+        "4",
+        "--group-size",
+        "16",
+        "--method",
+        "gptq",
+        "--calib",
+        str(calib_file),
+        "--num-calib-samples",
+        "2",
+        "--calib-seq-len",
+        "32",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     assert "with gptq" in capsys.readouterr().out
     config = json.loads((out / "config.json").read_text())["quantization_config"]

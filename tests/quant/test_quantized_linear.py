@@ -12,8 +12,14 @@ from ernie45.quant.quantized_linear import QuantizedExperts, QuantizedLinear
 from ernie45.quant.rtn import rtn_quantize
 from ernie45.quant.spec import QuantSpec
 
-SPECS = [QuantSpec(8, -1, True), QuantSpec(8, 32, False), QuantSpec(4, 32, False), QuantSpec(4, 16, True),
-         QuantSpec(2, 16, False), QuantSpec(2, 64, False)]
+SPECS = [
+    QuantSpec(8, -1, True),
+    QuantSpec(8, 32, False),
+    QuantSpec(4, 32, False),
+    QuantSpec(4, 16, True),
+    QuantSpec(2, 16, False),
+    QuantSpec(2, 64, False),
+]
 
 
 def build(spec: QuantSpec, N=40, K=128, bias=True, seed=0) -> tuple[QuantizedLinear, torch.Tensor]:
@@ -58,10 +64,21 @@ def test_prefill_rows_use_reference_path_and_grad_flows_to_input():
 
 
 def test_quantized_experts_equal_dense_experts_with_dequantized_weights():
-    config = Ernie45Config.from_dict({"model_type": "ernie4_5_moe", "vocab_size": 64, "hidden_size": 32,
-                                          "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-                                          "num_key_value_heads": 2, "head_dim": 16, "moe_num_experts": 4, "moe_k": 2,
-                                          "moe_intermediate_size": 16})
+    config = Ernie45Config.from_dict(
+        {
+            "model_type": "ernie4_5_moe",
+            "vocab_size": 64,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "moe_num_experts": 4,
+            "moe_k": 2,
+            "moe_intermediate_size": 16,
+        }
+    )
     dense = Experts(config)
     torch.nn.init.normal_(dense.gate_up_proj, std=0.3)
     torch.nn.init.normal_(dense.down_proj, std=0.3)
