@@ -46,7 +46,6 @@ NOT_SUPPORTED = {
     "label_smoothing": ({0}, "DPO label smoothing is not implemented"),
     "normalize_logps": ({False}, "length-normalised DPO log-probs are not implemented"),
     "dpop_lambda": ({0}, "DPOP is not implemented"),
-    "qat": ({False}, "QAT is not supported yet (ernie45.quant.qat provides the model transform when it lands)"),
     "multimodal": ({False}, "VL training is not implemented"),
     "template": (set(), "the checkpoint's own chat template is used; custom templates are not supported"),
 }
@@ -65,9 +64,8 @@ NO_EFFECT = {
 }
 # ERNIEKit / PaddleNLP spellings of our keys.
 ALIASES = {"per_device_train_batch_size": "batch_size"}
-_CASE = {"fine_tuning": {"full": "Full", "lora": "LoRA"}, "stage": {"pt": "PT", "sft": "SFT", "dpo": "DPO"}}
+_CASE = {"fine_tuning": {"full": "Full", "lora": "LoRA", "qat": "QAT"}, "stage": {"pt": "PT", "sft": "SFT", "dpo": "DPO"}}
 _NOT_SUPPORTED_VALUES = {
-    ("fine_tuning", "QAT"): "fine_tuning: QAT is not supported yet",
     ("loss_type", "kto_pair"): "loss_type kto_pair is not implemented; use sigmoid or ipo",
     ("compute_type", "fp16"): "compute_type fp16 is not supported; use bf16 or fp32",
     ("compute_type", "fp8"): "compute_type fp8 (FP8 QAT) is not supported yet",
@@ -172,6 +170,17 @@ class TrainConfig:
     """Dropout on the LoRA input."""
     lora_target_modules: str | list = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
     """Linear module names (last name component) that get adapters; comma-separated or a list."""
+    # ### QAT
+    qat: bool = False
+    """Quantization-aware training: the `qat_targets` weights are fake-quantized (straight-through estimator) in
+    every forward, and output_dir gets the packed quantized checkpoint (`ernie45 quantize`'s format).
+    `fine_tuning: QAT` is the same as `fine_tuning: Full` with `qat: true`."""
+    qat_bits: int = 4
+    """QAT weight bits: 8, 4 or 2."""
+    qat_group_size: int = 0
+    """QAT quantization group along the input dim; 0: the default for the bits (int8 per channel, int4 128, 2-bit 64)."""
+    qat_targets: str | list = "*.self_attn.*,*.mlp.*"
+    """Module-name patterns (fnmatch) whose linears are fake-quantized; never embeddings, lm_head or router gates."""
     # ### DPO
     beta: float = 0.1
     """DPO inverse temperature."""
@@ -220,13 +229,22 @@ class TrainConfig:
         def bad(key: str, msg: str) -> ConfigError:
             return ConfigError(f"{source}: {key}: {msg}")
 
+        if self.fine_tuning == "QAT":  # full fine-tuning with fake-quantized weights
+            self.fine_tuning, self.qat = "Full", True
+
         for (key, value), msg in _NOT_SUPPORTED_VALUES.items():
             if str(getattr(self, key)) == value:
                 raise bad(key, f"{msg} (not supported)")
         if self.stage not in STAGES:
             raise bad("stage", f"{self.stage!r} is not one of {', '.join(STAGES)}")
         if self.fine_tuning not in FINE_TUNING:
-            raise bad("fine_tuning", f"{self.fine_tuning!r} is not one of {', '.join(FINE_TUNING)}")
+            raise bad("fine_tuning", f"{self.fine_tuning!r} is not one of {', '.join(FINE_TUNING)}, QAT")
+        if self.qat and self.qat_bits not in (8, 4, 2):
+            raise bad("qat_bits", f"{self.qat_bits} is not one of 8, 4, 2")
+        if self.qat and self.fine_tuning == "LoRA":
+            raise bad("qat", "QAT trains the full weights; it cannot be combined with fine_tuning: LoRA")
+        if self.qat and self.qat_group_size < 0:
+            raise bad("qat_group_size", f"must be >= 0 (0: the default for the bits), got {self.qat_group_size}")
         for key in ("train_dataset_type", "eval_dataset_type"):
             for t in split_list(getattr(self, key)):
                 if t not in DATASET_TYPES:

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import tempfile
 import time
@@ -22,10 +23,11 @@ import torch
 
 from ..checkpoint import load_model, save_model
 from ..models.layers import cpu_has_fast_half
+from ..quant.qat import convert_qat, prepare_qat
 from ..tokenizer import load_tokenizer
 from . import distributed as D
 from .checkpointing import load_checkpoint, resolve_resume, save_checkpoint
-from .config import TrainConfig
+from .config import TrainConfig, split_list
 from .data import Encoder, EvalData, TrainData
 from .forward import TrainingModel, moe_blocks
 from .lora import adapter_state_dict, adapters_disabled, apply_lora, peft_mismatch, save_adapter
@@ -68,6 +70,8 @@ class Trainer:
         self.source_dir = base.source_dir
         if model_transform is not None:
             model_transform(base, cfg)
+        if cfg.qat:
+            prepare_qat_for(base, cfg)
         self.lora = cfg.fine_tuning == "LoRA"
         if self.lora:
             apply_lora(base, cfg.target_modules, cfg.lora_rank, cfg.lora_scale_alpha, cfg.lora_dropout, cfg.seed)
@@ -255,7 +259,8 @@ class Trainer:
         else:
             sd = {k: v.detach() for k, v in self.module.state_dict().items()}
         prefix = "module." if any(k.startswith("module.") for k in sd) else ""
-        return {k.removeprefix(prefix).removeprefix("model."): v for k, v in sd.items()}
+        # QAT's parametrizations keep the trained weight as `<owner>.parametrizations.<name>.original`.
+        return {_QAT_NAME.sub(r".\1", k.removeprefix(prefix).removeprefix("model.")): v for k, v in sd.items()}
 
     def save_outputs(self) -> None:
         """output_dir gets the final HF checkpoint (Full) or PEFT adapter (LoRA), plus tokenizer files."""
@@ -275,6 +280,10 @@ class Trainer:
                 if [k for k in missing if k != "lm_head.weight"] or unexpected:
                     raise RuntimeError(f"final weights do not match the model: missing {missing}, unexpected {unexpected}")
                 model.generation_config = getattr(self.base, "generation_config", {})
+                if self.cfg.qat:
+                    # The trained full-precision weights, packed with the grids the training saw.
+                    prepare_qat_for(model, self.cfg)
+                    convert_qat(model)
                 save_model(model, tmp / "model", tokenizer=self.tokenizer)
                 for f in (tmp / "model").iterdir():
                     os.replace(f, tmp / f.name)
@@ -286,6 +295,14 @@ class Trainer:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         D.barrier(self.info)
+
+
+_QAT_NAME = re.compile(r"\.parametrizations\.(\w+)\.original$")
+
+
+def prepare_qat_for(model, cfg: TrainConfig) -> None:
+    """Fake-quantize the configured linears of `model` (ernie45.quant.qat)."""
+    prepare_qat(model, cfg.qat_bits, cfg.qat_group_size or None, split_list(cfg.qat_targets))
 
 
 _EVAL_KEYS = ("lm_loss", "mtp_loss", "dpo_loss", "sft_loss", "rewards_chosen", "rewards_rejected", "rewards_margin",

@@ -45,8 +45,17 @@ def test_known_erniekit_key_we_lack_is_not_supported():
         config_from_dict({**BASE, "tensor_parallel_degree": 2})
     with pytest.raises(ConfigError, match="offload_optim: True is not supported"):
         config_from_dict({**BASE, "offload_optim": True})
-    with pytest.raises(ConfigError, match="QAT is not supported yet"):
-        config_from_dict({**BASE, "fine_tuning": "QAT"})
+    with pytest.raises(ConfigError, match="compute_type fp8 .FP8 QAT. is not supported yet"):
+        config_from_dict({**BASE, "compute_type": "fp8"})
+
+
+def test_qat_settings():
+    cfg = config_from_dict({**BASE, "fine_tuning": "QAT", "qat_bits": 2})
+    assert cfg.fine_tuning == "Full" and cfg.qat and cfg.qat_bits == 2
+    with pytest.raises(ConfigError, match="qat_bits: 3 is not one of 8, 4, 2"):
+        config_from_dict({**BASE, "qat": True, "qat_bits": 3})
+    with pytest.raises(ConfigError, match="qat: QAT trains the full weights"):
+        config_from_dict({**BASE, "qat": True, "fine_tuning": "LoRA"})
     with pytest.raises(ConfigError, match="kto_pair is not implemented"):
         config_from_dict({**BASE, "stage": "DPO", "loss_type": "kto_pair"})
 
