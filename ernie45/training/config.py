@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-STAGES = ("PT", "SFT", "DPO")
+STAGES = ("PT", "SFT", "DPO", "VL-SFT")
 FINE_TUNING = ("Full", "LoRA")
 DATASET_TYPES = ("erniekit", "alpaca", "chatml", "text")
 SCHEDULERS = ("linear", "cosine", "wsd", "constant")
@@ -65,7 +65,7 @@ NO_EFFECT = {
 }
 # ERNIEKit / PaddleNLP spellings of our keys.
 ALIASES = {"per_device_train_batch_size": "batch_size"}
-_CASE = {"fine_tuning": {"full": "Full", "lora": "LoRA"}, "stage": {"pt": "PT", "sft": "SFT", "dpo": "DPO"}}
+_CASE = {"fine_tuning": {"full": "Full", "lora": "LoRA"}, "stage": {"pt": "PT", "sft": "SFT", "dpo": "DPO", "vl-sft": "VL-SFT"}}
 _NOT_SUPPORTED_VALUES = {
     ("fine_tuning", "QAT"): "fine_tuning: QAT is not supported yet",
     ("loss_type", "kto_pair"): "loss_type kto_pair is not implemented; use sigmoid or ipo",
@@ -89,9 +89,12 @@ class TrainConfig:
     model_name_or_path: str = ""
     """Checkpoint directory (HF layout) or hub id to start from."""
     stage: str = "SFT"
-    """PT (plain-text pretraining), SFT (supervised fine-tuning) or DPO (preference optimisation)."""
+    """PT (plain-text pretraining), SFT (supervised fine-tuning), DPO (preference optimisation) or VL-SFT (SFT of an
+    ERNIE 4.5 VL model on multimodal chatml data)."""
     fine_tuning: str = "Full"
     """Full (all weights) or LoRA (low-rank adapters on `lora_target_modules`)."""
+    freeze_vision: bool = False
+    """VL-SFT: keep the vision tower's weights fixed (the resampler and the language model still train)."""
     # ### data
     train_dataset_type: str = "erniekit"
     """Format of each train dataset (comma-separated, one per path): erniekit, alpaca, chatml or text."""
@@ -264,6 +267,12 @@ class TrainConfig:
             raise bad("train_dataset_prob", f"{len(split_list(self.train_dataset_prob))} weights for {n_paths} paths")
         if self.stage == "PT" and any(t != "text" for t in split_list(self.train_dataset_type)):
             raise bad("train_dataset_type", "stage PT reads plain text: use train_dataset_type: text")
+        if self.stage == "VL-SFT" and any(t != "chatml" for t in split_list(self.train_dataset_type)):
+            raise bad("train_dataset_type", "stage VL-SFT reads multimodal chatml messages: use train_dataset_type: chatml")
+        if self.stage == "VL-SFT" and self.fine_tuning != "Full":
+            raise bad("fine_tuning", "stage VL-SFT trains full weights only (LoRA on VL models is not implemented)")
+        if self.freeze_vision and self.stage != "VL-SFT":
+            raise bad("freeze_vision", "only applies to stage VL-SFT")
 
     # ------------------------------------------------------------------ derived
     @property
