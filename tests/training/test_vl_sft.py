@@ -45,7 +45,7 @@ def vl_data(tmp_path_factory):
     (root / "img").mkdir()
     rows = []
     for i, (name, rgb) in enumerate(COLORS.items()):
-        _png(root / "img" / f"{name}.png", rgb, (56 + 28 * (i % 2), 56))
+        _png(root / "img" / f"{name}.png", rgb, (56 + 28 * (i % 2), 56))  # two sizes
         rows.append({"messages": [
             {"role": "system", "content": "Answer briefly."},
             {"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"img/{name}.png"}},
@@ -58,6 +58,11 @@ def vl_data(tmp_path_factory):
                                      {"type": "image_url", "image_url": {"url": _data_uri(COLORS["red"])}}]},
         {"role": "assistant", "content": "It is red."}]})
     rows.append({"messages": [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "hello"}]})
+    # a video given as its frames (red, red, blue, blue)
+    rows.append({"messages": [
+        {"role": "user", "content": [{"type": "video", "video": [f"img/{c}.png" for c in ("red", "red", "blue", "blue")]},
+                                     {"type": "text", "text": "What happens?"}]},
+        {"role": "assistant", "content": "It turns from red to blue."}]})
     return write_jsonl(root / "train.jsonl", rows)
 
 
@@ -78,7 +83,8 @@ def _target_logprob(model_dir, data) -> float:
     total, n = 0.0, 0
     for rec in read_vl_records(data):
         s = enc.encode(rec)
-        logits = model(s.input_ids_T[None], s.media.get("pixel_values"), s.media.get("image_grid_thw"))[0]
+        logits = model(s.input_ids_T[None], s.media.get("pixel_values"), s.media.get("image_grid_thw"),
+                       s.media.get("pixel_values_videos"), s.media.get("video_grid_thw"))[0]
         targets = vl_targets(collate_vl([s], 0))[0]
         keep = targets != IGNORE
         total += float(-F.cross_entropy(logits[keep], targets[keep], reduction="sum"))
@@ -117,22 +123,29 @@ def test_frozen_vision_tower_bit_identical_lm_changed(trained, tiny_vl):
     assert any("embed_tokens" in k for k in changed)
     assert any("resampler" in k for k in changed)  # only the vision tower is frozen
     assert any("mlp.gate.weight_1" in k for k in changed)  # the vision router trained
+    # aux-loss-free balancing moved both correction-bias rows (row 0 text experts, row 1 vision experts)
+    for k in (k for k in before if k.endswith("e_score_correction_bias")):
+        assert before[k].shape[0] == 2
+        assert not torch.equal(before[k][0], after[k][0]) and not torch.equal(before[k][1], after[k][1]), k
 
 
-def test_exported_checkpoint_matches_transformers(trained, vl_data):
+@pytest.mark.parametrize("line", [1, 6], ids=["image", "video"])
+def test_exported_checkpoint_matches_transformers(trained, vl_data, line):
     from transformers import Ernie4_5_VLMoeForConditionalGeneration
 
     out, _ = trained
     ours = ernie45.load_model(out, dtype="float32")
     hf = Ernie4_5_VLMoeForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
-    s = _encoder(out, ours).encode(read_vl_records(vl_data)[1])
+    s = _encoder(out, ours).encode(read_vl_records(vl_data)[line])
     ids = s.input_ids_T[None]
     mm = torch.zeros_like(ids)
     mm[ids == ours.config.image_token_id] = 1
-    inputs = dict(input_ids=ids, pixel_values=s.media["pixel_values"], image_grid_thw=s.media["image_grid_thw"],
-                  mm_token_type_ids=mm, moe_mm_token_type_ids=s.moe_types_T[None])
+    mm[ids == ours.config.video_token_id] = 2
+    assert int(mm.sum()) > 0
+    inputs = dict(input_ids=ids, mm_token_type_ids=mm, moe_mm_token_type_ids=s.moe_types_T[None], **s.media)
     with torch.no_grad():
         ref, got = hf(**inputs).logits, ours(**inputs)
+    assert got.shape == ref.shape
     assert (got - ref).abs().max().item() <= 1e-4
 
 
@@ -157,9 +170,9 @@ def test_router_losses_per_modality_by_hand(tiny_vl, vl_data):
     hooks = [b.register_forward_hook(lambda mod, args, out: inputs.append(args[0].detach())) for b in module.blocks]
     with torch.no_grad():
         out = module(batch, vl_targets(batch) != IGNORE)
+        got = router_losses(out.routed, aux=True, z=False)
     for h in hooks:
         h.remove()
-    got = router_losses(out.routed, aux=True, z=False)
 
     vision = batch["moe_types"].reshape(-1) != 0
     real = batch["segment_ids"].reshape(-1) >= 0

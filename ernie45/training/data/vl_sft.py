@@ -2,7 +2,8 @@
 
 A line is `{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "a.png"}},
 {"type": "text", "text": "..."}]}, {"role": "assistant", "content": "..."}]}`; content is a string or a list of
-parts (text, image_url / video_url with a path, http(s) URL or data: URI, or the short forms image / video).
+parts (text, image_url / video_url with a path, http(s) URL or data: URI, or the short forms image / video; a
+video may also be a list of frame images; video files are decoded with PyAV).
 Relative paths are read from the data file's folder. Images sit in system / user turns only; each becomes
 `Picture N:<|IMAGE_START|><|IMAGE_PLACEHOLDER|><|IMAGE_END|>` (as at inference), the placeholder repeated once per
 merged patch. A malformed line or an unusable image raises `DataError` naming file:line.
@@ -49,9 +50,12 @@ class VLSample:
     """pixel_values / image_grid_thw / pixel_values_videos / video_grid_thw (those present)."""
 
 
-def _resolve(source, base: Path, where: str, index: int, kind: str):
+def _resolve(source, base: Path, index: int, kind: str):
+    if kind.startswith("video") and isinstance(source, list) and source:  # a video given as its frames
+        return [_resolve(frame, base, index, kind) for frame in source]
     if not isinstance(source, str) or not source:
-        raise ValueError(f"messages[{index}]: a {kind} part needs a non-empty string source")
+        raise ValueError(f"messages[{index}]: a {kind} part needs a non-empty string source"
+                         + (" (or, for a video, a list of frame images)" if kind.startswith("video") else ""))
     if source.startswith(("data:", "http://", "https://")):
         return source
     path = Path(source).expanduser()
@@ -90,7 +94,7 @@ def _parse(obj, base: Path, where: str) -> VLRecord:
                     raise ValueError(f"messages[{i}]: images and videos belong in user or system turns, not assistant")
                 value = part.get(kind)
                 source = value.get("url") if isinstance(value, dict) else value
-                parts.append({"type": kind, kind: _resolve(source, base, where, i, kind)})
+                parts.append({"type": kind, kind: _resolve(source, base, i, kind)})
             else:
                 raise ValueError(f"messages[{i}]: unsupported content part type {kind!r} "
                                  f"(text, {', '.join(_MEDIA_PARTS)})")
