@@ -48,7 +48,7 @@ NOT_SUPPORTED = {
     "normalize_logps": ({False}, "length-normalised DPO log-probs are not implemented"),
     "dpop_lambda": ({0}, "DPOP is not implemented"),
     "qat": ({False}, "QAT is not supported yet (ernie45.quant.qat provides the model transform when it lands)"),
-    "multimodal": ({False}, "VL training is not implemented"),
+    "multimodal": ({False}, "multimodal training is stage: VL-SFT (with train_dataset_type: chatml); remove this key"),
     "template": (set(), "the checkpoint's own chat template is used; custom templates are not supported"),
 }
 # ERNIEKit keys that tune Paddle's kernels, data loader or logging and change no result: accepted, listed at start.

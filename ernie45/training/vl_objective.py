@@ -17,7 +17,15 @@ from ..models.attention import CausalAttention
 from ..models.ernie45_vl import Ernie45VLForConditionalGeneration
 from ..models.moe import ModalityMoeBlock
 from .config import TrainConfig
-from .losses import IGNORE, expert_usage, moe_aux_loss, moe_z_loss, orthogonal_loss, shifted_targets, token_cross_entropy
+from .losses import (
+    IGNORE,
+    expert_usage,
+    moe_aux_loss,
+    moe_z_loss,
+    orthogonal_loss,
+    shifted_targets,
+    token_cross_entropy,
+)
 
 MODALITIES = ("text", "vision")
 

@@ -67,7 +67,7 @@ def _resolve(source, base: Path, index: int, kind: str):
 
 def _parse(obj, base: Path, where: str) -> VLRecord:
     if not isinstance(obj, dict):
-        raise ValueError("expected a JSON object")
+        raise ValueError("expected a JSON object")  # noqa: TRY004 (reported as a data error)
     messages = obj.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ValueError("field 'messages' must be a non-empty list")
@@ -81,7 +81,7 @@ def _parse(obj, base: Path, where: str) -> VLRecord:
             out.append(m)
             continue
         if not isinstance(content, list):
-            raise ValueError(f"messages[{i}].content must be a string or a list of content parts")
+            raise ValueError(f"messages[{i}].content must be a string or a list of parts")  # noqa: TRY004
         parts = []
         for part in content:
             kind = part.get("type") if isinstance(part, dict) else None
