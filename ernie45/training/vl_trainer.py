@@ -24,7 +24,7 @@ from ..tokenizer import load_tokenizer
 from . import distributed as D
 from .config import ConfigError, TrainConfig, split_list
 from .data.vl_sft import VLEncoder, collate_vl, read_vl_records
-from .losses import update_correction_bias
+from .losses import IGNORE, update_correction_bias
 from .metrics import MetricsLogger
 from .optim import build_optimizer, build_scheduler
 from .plot import plot_run
@@ -42,11 +42,13 @@ def _check_supported(cfg: TrainConfig) -> None:
         "recompute": cfg.recompute,
         "token_balance_loss": cfg.token_balance_loss,
         "train_dataset_prob": bool(cfg.train_dataset_prob),
+        "skip_bad_lines": cfg.skip_bad_lines,
     }
     for key, used in unsupported.items():
         if used:
             raise ConfigError(f"config: {key}: not supported with stage VL-SFT yet (VL-SFT trains, logs and writes "
-                              f"the final checkpoint; no eval, step checkpoints, recompute or data weighting)")
+                              f"the final checkpoint; no eval, step checkpoints, recompute, data weighting or "
+                              f"skipping of bad lines)")
 
 
 class VLTrainer:
@@ -111,7 +113,7 @@ class VLTrainer:
     def train_step(self) -> dict:
         cfg, device = self.cfg, self.info.device
         micro = [{k: v.to(device) for k, v in b.items()} for b in self.micro_batches(self.step)]
-        targets = sum(float((vl_targets(b) != -100).sum()) for b in micro)
+        targets = sum(float((vl_targets(b) != IGNORE).sum()) for b in micro)
         blocks = self.module.blocks
         usage = [{m: torch.zeros(b.text_moe.gate.weight.shape[0], device=device) for m in MODALITIES} for b in blocks] \
             if cfg.moe_use_aux_free and blocks else None

@@ -175,6 +175,8 @@ class VLEncoder:
             else:
                 out_ids.append(token)
                 out_mask.append(target)
+        if any(next(rest, None) is not None for rest in counts.values()):
+            raise ValueError("the chat template dropped an image/video placeholder; it cannot be trained on")
         if len(out_ids) > self.max_seq_len:
             raise ValueError(f"the sample has {len(out_ids)} tokens with its images expanded, more than max_seq_len "
                              f"{self.max_seq_len} (images cannot be cut; raise max_seq_len or shrink the images)")
