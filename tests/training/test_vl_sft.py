@@ -232,3 +232,15 @@ def test_vl_config_checks(tmp_path, tiny_moe, tiny_vl, vl_data):
                               eval_dataset_path=str(vl_data)))
     with pytest.raises(ConfigError, match="needs an ERNIE 4.5 VL checkpoint"):
         VLTrainer(make_config(tiny_moe, tmp_path, vl_data, stage="VL-SFT", train_dataset_type="chatml"))
+
+
+def test_loss_only_on_assistant_tokens(tiny_vl, vl_data):
+    model = ernie45.load_model(tiny_vl, dtype="float32")
+    tok = load_tokenizer(tiny_vl)
+    s = _encoder(tiny_vl, model).encode(read_vl_records(vl_data)[2])  # blue, an 84x56 image
+    n_image = int((s.input_ids_T == model.config.image_token_id).sum())
+    assert n_image == int(s.media["image_grid_thw"].prod()) // 4 > 0
+    assert not bool(s.loss_mask_T[s.moe_types_T != 0].any())
+    trained = tok.decode(s.input_ids_T[s.loss_mask_T].tolist(), skip_special_tokens=False)
+    assert trained == "It is blue.<|end_of_sentence|>"
+    assert s.positions_3T.shape == (3, len(s.input_ids_T))
