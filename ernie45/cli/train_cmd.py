@@ -1,5 +1,5 @@
-"""`ernie45 train CONFIG.yaml [key=value ...]`: PT / SFT / DPO (Full or LoRA) from an ERNIEKit-style YAML config.
-Launch with torchrun for several processes; the command is the same."""
+"""`ernie45 train CONFIG.yaml [key=value ...]`: PT / SFT / DPO (Full or LoRA) or VL-SFT from an ERNIEKit-style YAML
+config. Launch with torchrun for several processes; the command is the same (VL-SFT: one process)."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-STAGES = ("PT", "SFT", "DPO")
+STAGES = ("PT", "SFT", "DPO", "VL-SFT")
 FINE_TUNING = ("Full", "LoRA")
 DATASET_TYPES = ("erniekit", "alpaca", "chatml", "text")
 SCHEDULERS = ("linear", "cosine", "wsd", "constant")
@@ -46,7 +46,7 @@ NOT_SUPPORTED = {
     "label_smoothing": ({0}, "DPO label smoothing is not implemented"),
     "normalize_logps": ({False}, "length-normalised DPO log-probs are not implemented"),
     "dpop_lambda": ({0}, "DPOP is not implemented"),
-    "multimodal": ({False}, "VL training is not implemented"),
+    "multimodal": ({False}, "multimodal training is stage: VL-SFT (with train_dataset_type: chatml); remove this key"),
     "template": (set(), "the checkpoint's own chat template is used; custom templates are not supported"),
 }
 # ERNIEKit keys that tune Paddle's kernels, data loader or logging and change no result: accepted, listed at start.
@@ -64,7 +64,8 @@ NO_EFFECT = {
 }
 # ERNIEKit / PaddleNLP spellings of our keys.
 ALIASES = {"per_device_train_batch_size": "batch_size"}
-_CASE = {"fine_tuning": {"full": "Full", "lora": "LoRA", "qat": "QAT"}, "stage": {"pt": "PT", "sft": "SFT", "dpo": "DPO"}}
+_CASE = {"fine_tuning": {"full": "Full", "lora": "LoRA", "qat": "QAT"},
+         "stage": {"pt": "PT", "sft": "SFT", "dpo": "DPO", "vl-sft": "VL-SFT"}}
 _NOT_SUPPORTED_VALUES = {
     ("loss_type", "kto_pair"): "loss_type kto_pair is not implemented; use sigmoid or ipo",
     ("compute_type", "fp16"): "compute_type fp16 is not supported; use bf16 or fp32",
@@ -87,9 +88,12 @@ class TrainConfig:
     model_name_or_path: str = ""
     """Checkpoint directory (HF layout) or hub id to start from."""
     stage: str = "SFT"
-    """PT (plain-text pretraining), SFT (supervised fine-tuning) or DPO (preference optimisation)."""
+    """PT (plain-text pretraining), SFT (supervised fine-tuning), DPO (preference optimisation) or VL-SFT (SFT of an
+    ERNIE 4.5 VL model on multimodal chatml data)."""
     fine_tuning: str = "Full"
     """Full (all weights) or LoRA (low-rank adapters on `lora_target_modules`)."""
+    freeze_vision: bool = False
+    """VL-SFT: keep the vision tower's weights fixed (the resampler and the language model still train)."""
     # ### data
     train_dataset_type: str = "erniekit"
     """Format of each train dataset (comma-separated, one per path): erniekit, alpaca, chatml or text."""
@@ -282,6 +286,14 @@ class TrainConfig:
             raise bad("train_dataset_prob", f"{len(split_list(self.train_dataset_prob))} weights for {n_paths} paths")
         if self.stage == "PT" and any(t != "text" for t in split_list(self.train_dataset_type)):
             raise bad("train_dataset_type", "stage PT reads plain text: use train_dataset_type: text")
+        if self.stage == "VL-SFT" and any(t != "chatml" for t in split_list(self.train_dataset_type)):
+            raise bad("train_dataset_type", "stage VL-SFT reads multimodal chatml messages: use train_dataset_type: chatml")
+        if self.stage == "VL-SFT" and self.qat:
+            raise bad("qat", "QAT of VL models is not implemented (stage VL-SFT)")
+        if self.stage == "VL-SFT" and self.fine_tuning != "Full":
+            raise bad("fine_tuning", "stage VL-SFT trains full weights only (LoRA on VL models is not implemented)")
+        if self.freeze_vision and self.stage != "VL-SFT":
+            raise bad("freeze_vision", "only applies to stage VL-SFT")
 
     # ------------------------------------------------------------------ derived
     @property

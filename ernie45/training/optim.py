@@ -16,7 +16,7 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if name.endswith("mlp.gate.weight"):
+        if name.endswith(("mlp.gate.weight", "_moe.gate.weight")):  # text MoE; VL text_moe / vision_moe
             gate.append(p)
         elif p.ndim < 2 or "norm" in name or name.endswith(".bias"):
             no_decay.append(p)

@@ -317,6 +317,10 @@ def _resolve(model: str) -> Path:
 
 def train(cfg: TrainConfig, model_transform=None) -> dict:
     """Run a full training job from a config (1 process, or each torchrun process)."""
+    if cfg.stage == "VL-SFT":
+        from .vl_trainer import train_vl
+
+        return train_vl(cfg)
     trainer = Trainer(cfg, model_transform)
     try:
         return trainer.train()

@@ -1,0 +1,179 @@
+"""The VL-SFT loop (stage VL-SFT): an ERNIE 4.5 VL checkpoint fine-tuned on multimodal chatml data, one process.
+
+step = encode micro-batches (images processed as at inference) -> forward/backward each -> clip -> AdamW ->
+schedule -> per-modality aux-free bias update -> log; at the end the HF checkpoint (plus tokenizer and processor
+files) is written to output_dir. `freeze_vision` keeps the vision tower fixed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import load_model, save_model
+from ..models.ernie45_vl import Ernie45VLForConditionalGeneration
+from ..processing import load_processors
+from ..tokenizer import load_tokenizer
+from . import distributed as D
+from .config import ConfigError, TrainConfig, split_list
+from .data.vl_sft import VLEncoder, collate_vl, read_vl_records
+from .losses import IGNORE, update_correction_bias
+from .metrics import MetricsLogger
+from .optim import build_optimizer, build_scheduler
+from .plot import plot_run
+from .trainer import _resolve, autocast_dtype, seed_everything
+from .vl_objective import MODALITIES, VLObjective, VLTrainingModel, vl_targets
+
+PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json")
+
+
+def _check_supported(cfg: TrainConfig) -> None:
+    unsupported = {
+        "eval_dataset_path": bool(cfg.eval_dataset_path) and cfg.do_eval,
+        "save_steps": cfg.save_steps > 0,
+        "resume_from_checkpoint": cfg.resume_from_checkpoint is not None,
+        "recompute": cfg.recompute,
+        "token_balance_loss": cfg.token_balance_loss,
+        "train_dataset_prob": bool(cfg.train_dataset_prob),
+        "skip_bad_lines": cfg.skip_bad_lines,
+    }
+    for key, used in unsupported.items():
+        if used:
+            raise ConfigError(f"config: {key}: not supported with stage VL-SFT yet (VL-SFT trains, logs and writes "
+                              f"the final checkpoint; no eval, step checkpoints, recompute, data weighting or "
+                              f"skipping of bad lines)")
+
+
+class VLTrainer:
+    def __init__(self, cfg: TrainConfig):
+        _check_supported(cfg)
+        self.cfg = cfg
+        self.info = D.init_distributed()
+        if self.info.enabled:
+            D.shutdown(self.info)
+            raise ConfigError("stage VL-SFT runs on one process; launch it without torchrun")
+        self.run_dir = Path(cfg.output_dir)
+        seed_everything(cfg.seed)
+        source = _resolve(cfg.model_name_or_path)
+        self.tokenizer = load_tokenizer(source)
+        base = load_model(source, dtype="float32", device=self.info.device)
+        if not isinstance(base, Ernie45VLForConditionalGeneration):
+            raise ConfigError(f"config: model_name_or_path: stage VL-SFT needs an ERNIE 4.5 VL checkpoint "
+                              f"(model_type ernie4_5_vl_moe); {source} holds {type(base).__name__}")
+        base.train()
+        if cfg.freeze_vision:
+            base.model.vision_tower.requires_grad_(False)
+        self.base, self.source_dir = base, source
+        orth = cfg.moe_group_orthogonal_loss if cfg.moe_orthogonal_loss_lambda else None
+        self.module = VLTrainingModel(base, orthogonal_group=orth)
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.module, cfg)
+
+        self.records = [r for path in split_list(cfg.train_dataset_path) for r in read_vl_records(path)]
+        image_processor, video_processor = load_processors(source)
+        self.encoder = VLEncoder(self.tokenizer, base.config, image_processor, video_processor, cfg.max_seq_len)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.global_batch = cfg.batch_size * cfg.gradient_accumulation_steps
+        self.steps_per_epoch = max(1, len(self.records) // self.global_batch)
+        if len(self.records) < self.global_batch:
+            raise ConfigError(f"config: batch_size: {len(self.records)} VL-SFT samples are fewer than one step's "
+                              f"batch_size x gradient_accumulation_steps = {self.global_batch}")
+        self.total_steps = cfg.max_steps if cfg.max_steps > 0 else \
+            max(1, math.ceil(cfg.num_train_epochs * self.steps_per_epoch))
+        self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
+        self.objective = VLObjective(cfg, self.module, cfg.gradient_accumulation_steps)
+        self.amp = autocast_dtype(cfg, self.info.device)
+        self.step = 0
+        self.history: list[dict] = []
+
+    def sample_order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.cfg.seed + epoch)
+        return torch.randperm(len(self.records), generator=g).tolist()
+
+    def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
+        """Step k of the run: the next global batch of a per-epoch shuffle (a partial tail is dropped)."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        order = self.sample_order(epoch)[k * self.global_batch : (k + 1) * self.global_batch]
+        bs = self.cfg.batch_size
+        return [collate_vl([self.encoder.encode(self.records[i]) for i in order[j : j + bs]], self.pad_id)
+                for j in range(0, len(order), bs)]
+
+    def _autocast(self):
+        if self.amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.info.device.type, dtype=self.amp)
+
+    def train_step(self) -> dict:
+        cfg, device = self.cfg, self.info.device
+        micro = [{k: v.to(device) for k, v in b.items()} for b in self.micro_batches(self.step)]
+        targets = sum(float((vl_targets(b) != IGNORE).sum()) for b in micro)
+        blocks = self.module.blocks
+        usage = [{m: torch.zeros(b.text_moe.gate.weight.shape[0], device=device) for m in MODALITIES} for b in blocks] \
+            if cfg.moe_use_aux_free and blocks else None
+        sums: dict[str, float] = {}
+        for b in micro:
+            with self._autocast():
+                loss, metrics = self.objective(b, targets, usage)
+            loss.backward()
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v
+        grad_norm = float("nan")
+        if cfg.max_grad_norm:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if usage is not None:
+            for block, u in zip(blocks, usage):
+                for modality, moe in (("text", block.text_moe), ("vision", block.vision_moe)):
+                    if bool(u[modality].any()):
+                        update_correction_bias(moe.moe_statics.e_score_correction_bias.data, u[modality],
+                                               cfg.moe_use_aux_free_update_coef)
+        sums.update({"lr": lr, "grad_norm": grad_norm, "targets": targets,
+                     "tokens": float(sum(int((b["segment_ids"] >= 0).sum()) for b in micro))})
+        return sums
+
+    def train(self) -> dict:
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        if cfg.packing:
+            print("VL-SFT: each sample gets its own (right-padded) row; packing does not apply")
+        logger = MetricsLogger(self.run_dir, self.total_steps, self.step, True, not cfg.disable_tqdm)
+        while self.step < self.total_steps:
+            m = self.train_step()
+            self.step += 1
+            if self.step % cfg.logging_steps == 0 or self.step == self.total_steps:
+                logger.log({"step": self.step, "split": "train", **m})
+                logger.progress(cfg.logging_steps, {"loss": m["loss"]})
+            self.history.append({"step": self.step, "loss": m["loss"]})
+        logger.close()
+        self.save_outputs()
+        plot_run(self.run_dir)
+        return {"steps": self.step, "history": self.history, "eval": {}}
+
+    def save_outputs(self) -> None:
+        """output_dir gets the fine-tuned VL checkpoint (HF layout), tokenizer and processor configs."""
+        tmp = Path(tempfile.mkdtemp(prefix=".final-", dir=self.run_dir))
+        try:
+            save_model(self.base, tmp / "model", tokenizer=self.tokenizer)
+            for name in PROCESSOR_FILES:
+                if (self.source_dir / name).is_file():
+                    shutil.copy2(self.source_dir / name, tmp / "model" / name)
+            # config.json moves last: a crash before leaves no loadable-looking output.
+            for f in sorted((tmp / "model").iterdir(), key=lambda f: f.name == "config.json"):
+                os.replace(f, self.run_dir / f.name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def train_vl(cfg: TrainConfig) -> dict:
+    return VLTrainer(cfg).train()

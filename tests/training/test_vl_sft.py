@@ -1,0 +1,246 @@
+"""VL-SFT end to end on a tiny transformers-written VL checkpoint and generated PNG images: the loss falls, the
+targets' likelihood rises, a frozen vision tower stays bit-identical, the router losses are balanced per modality,
+bad lines name file:line, and the exported checkpoint loads in ernie45 and transformers with matching logits."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file
+
+import ernie45
+from ernie45.processing import load_processors
+from ernie45.tokenizer import load_tokenizer
+from ernie45.training import ConfigError, load_config, train
+from ernie45.training.data.readers import DataError
+from ernie45.training.data.vl_sft import VLEncoder, collate_vl, read_vl_records
+from ernie45.training.losses import IGNORE
+from ernie45.training.vl_objective import VLTrainingModel, router_losses, vl_targets
+from ernie45.training.vl_trainer import VLTrainer
+from tests.tiny_checkpoint import make_tiny_vl_checkpoint
+
+from .helpers import make_config, write_jsonl
+
+COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 20)}
+
+
+def _png(path, color, size):
+    Image.new("RGB", size, color).save(path)
+    return path
+
+
+def _data_uri(color) -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", (56, 56), color).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def vl_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vl-data")
+    (root / "img").mkdir()
+    rows = []
+    for i, (name, rgb) in enumerate(COLORS.items()):
+        _png(root / "img" / f"{name}.png", rgb, (56 + 28 * (i % 2), 56))  # two sizes
+        rows.append({"messages": [
+            {"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"img/{name}.png"}},
+                                         {"type": "text", "text": "What color is this?"}]},
+            {"role": "assistant", "content": f"It is {name}."},
+        ]})
+    # an inline data: URI and a text-only line (routes every token to the text experts)
+    rows.append({"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "And this one?"},
+                                     {"type": "image_url", "image_url": {"url": _data_uri(COLORS["red"])}}]},
+        {"role": "assistant", "content": "It is red."}]})
+    rows.append({"messages": [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "hello"}]})
+    # a video given as its frames (red, red, blue, blue)
+    rows.append({"messages": [
+        {"role": "user", "content": [{"type": "video", "video": [f"img/{c}.png" for c in ("red", "red", "blue", "blue")]},
+                                     {"type": "text", "text": "What happens?"}]},
+        {"role": "assistant", "content": "It turns from red to blue."}]})
+    return write_jsonl(root / "train.jsonl", rows)
+
+
+@pytest.fixture(scope="module")
+def tiny_vl(tmp_path_factory):
+    return make_tiny_vl_checkpoint(tmp_path_factory.mktemp("vl") / "model")
+
+
+def _encoder(model_dir, model, max_seq_len=256):
+    return VLEncoder(load_tokenizer(model_dir), model.config, *load_processors(model_dir), max_seq_len)
+
+
+@torch.no_grad()
+def _target_logprob(model_dir, data) -> float:
+    """Mean log-prob of the SFT targets, through the plain inference forward of the saved checkpoint."""
+    model = ernie45.load_model(model_dir, dtype="float32")
+    enc = _encoder(model_dir, model)
+    total, n = 0.0, 0
+    for rec in read_vl_records(data):
+        s = enc.encode(rec)
+        logits = model(s.input_ids_T[None], s.media.get("pixel_values"), s.media.get("image_grid_thw"),
+                       s.media.get("pixel_values_videos"), s.media.get("video_grid_thw"))[0]
+        targets = vl_targets(collate_vl([s], 0))[0]
+        keep = targets != IGNORE
+        total += float(-F.cross_entropy(logits[keep], targets[keep], reduction="sum"))
+        n += int(keep.sum())
+    return total / n
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_vl, vl_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("vl-run")
+    cfg = make_config(tiny_vl, out, vl_data, stage="VL-SFT", train_dataset_type="chatml", batch_size=3,
+                      gradient_accumulation_steps=2, max_steps=10, max_seq_len=128, freeze_vision=True,
+                      moe_aux_loss_lambda=1e-2, moe_z_loss_lambda=1e-3, moe_orthogonal_loss_lambda=1e-3,
+                      moe_use_aux_free=True)
+    result = train(cfg)
+    return out, result
+
+
+def test_vl_sft_loss_falls_and_targets_likelier(trained, tiny_vl, vl_data):
+    out, result = trained
+    losses = [h["loss"] for h in result["history"]]
+    assert result["steps"] == 10
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert _target_logprob(out, vl_data) > _target_logprob(tiny_vl, vl_data) + 1.0
+
+
+def test_frozen_vision_tower_bit_identical_lm_changed(trained, tiny_vl):
+    out, _ = trained
+    before, after = load_file(str(tiny_vl / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert before.keys() == after.keys()
+    vision = [k for k in before if k.startswith("model.vision_model.")]  # the vision tower (released names)
+    assert vision, sorted(before)[:10]
+    for k in vision:
+        assert torch.equal(before[k], after[k]), k
+    changed = [k for k in before if k not in vision and not torch.equal(before[k], after[k])]
+    assert any("embed_tokens" in k for k in changed)
+    assert any("resampler" in k for k in changed)  # only the vision tower is frozen
+    assert any("mlp.gate.weight_1" in k for k in changed)  # the vision router trained
+    # aux-loss-free balancing moved both correction-bias rows (row 0 text experts, row 1 vision experts)
+    for k in (k for k in before if k.endswith("e_score_correction_bias")):
+        assert before[k].shape[0] == 2
+        assert not torch.equal(before[k][0], after[k][0]) and not torch.equal(before[k][1], after[k][1]), k
+
+
+@pytest.mark.parametrize("line", [1, 6], ids=["image", "video"])
+def test_exported_checkpoint_matches_transformers(trained, vl_data, line):
+    from transformers import Ernie4_5_VLMoeForConditionalGeneration
+
+    out, _ = trained
+    ours = ernie45.load_model(out, dtype="float32")
+    hf = Ernie4_5_VLMoeForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
+    s = _encoder(out, ours).encode(read_vl_records(vl_data)[line])
+    ids = s.input_ids_T[None]
+    mm = torch.zeros_like(ids)
+    mm[ids == ours.config.image_token_id] = 1
+    mm[ids == ours.config.video_token_id] = 2
+    assert int(mm.sum()) > 0
+    inputs = dict(input_ids=ids, mm_token_type_ids=mm, moe_mm_token_type_ids=s.moe_types_T[None], **s.media)
+    with torch.no_grad():
+        ref, got = hf(**inputs).logits, ours(**inputs)
+    assert got.shape == ref.shape
+    assert (got - ref).abs().max().item() <= 1e-4
+
+
+def _hand_aux(x_NH, weight_EH, bias_1E, k) -> torch.Tensor:
+    """E * sum_e mean_tokens(p_e) * count_e / N, written out with explicit per-token top-k."""
+    probs = torch.softmax(x_NH.double() @ weight_EH.detach().double().T, -1)
+    N, E = probs.shape
+    counts = torch.zeros(E, dtype=torch.float64)
+    for n in range(N):
+        for e in torch.topk(probs[n] + bias_1E[0].double(), k).indices.tolist():
+            counts[e] += 1
+    return E * (probs.mean(0) * counts / N).sum()
+
+
+def test_router_losses_per_modality_by_hand(tiny_vl, vl_data):
+    model = ernie45.load_model(tiny_vl, dtype="float32")
+    records = read_vl_records(vl_data)
+    batch = collate_vl([_encoder(tiny_vl, model).encode(records[i]) for i in (0, 5, 1)], pad_id=0)
+    assert bool((batch["segment_ids"] < 0).any()) and bool((batch["moe_types"] != 0).any())
+    module = VLTrainingModel(model, orthogonal_group=False)
+    inputs = []
+    hooks = [b.register_forward_hook(lambda mod, args, out: inputs.append(args[0].detach())) for b in module.blocks]
+    with torch.no_grad():
+        out = module(batch, vl_targets(batch) != IGNORE)
+        got = router_losses(out.routed, aux=True, z=False)
+    for h in hooks:
+        h.remove()
+
+    vision = batch["moe_types"].reshape(-1) != 0
+    real = batch["segment_ids"].reshape(-1) >= 0
+    want = {"text": 0.0, "vision": 0.0}
+    pooled = 0.0
+    for block, x_BTH in zip(module.blocks, inputs):
+        x = x_BTH.reshape(-1, x_BTH.shape[-1])
+        for name, moe, rows in (("text", block.text_moe, real & ~vision), ("vision", block.vision_moe, vision)):
+            want[name] += _hand_aux(x[rows], moe.gate.weight, moe.moe_statics.e_score_correction_bias, moe.gate.top_k)
+        # One gate over every real token (what a text-only MoE would compute) is a different number.
+        text = block.text_moe
+        pooled += _hand_aux(x[real], text.gate.weight, text.moe_statics.e_score_correction_bias, text.gate.top_k)
+    assert abs(float(got["aux_text"]) - float(want["text"])) < 1e-5
+    assert abs(float(got["aux_vision"]) - float(want["vision"])) < 1e-5
+    assert abs(float(pooled) - float(want["text"])) > 1e-3
+
+    def orth(w):
+        wn = w.detach().double() / w.detach().double().norm(dim=-1, keepdim=True)
+        return ((wn @ wn.T - torch.eye(w.shape[0], dtype=torch.float64)) ** 2).mean()
+
+    hand = sum(orth(b.text_moe.gate.weight) + orth(b.vision_moe.gate.weight) for b in module.blocks)
+    assert abs(float(out.orthogonal) - float(hand)) < 1e-5
+
+
+def test_malformed_lines_name_file_and_line(tmp_path, tiny_vl):
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    missing = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "nope.png"}}]},
+                            {"role": "assistant", "content": "x"}]}
+    path = write_jsonl(tmp_path / "bad_image.jsonl", [good, missing])
+    with pytest.raises(DataError, match=r"bad_image\.jsonl:2: .*nope\.png.* not found"):
+        read_vl_records(path)
+    bad_role = {"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}]}
+    path = write_jsonl(tmp_path / "bad_role.jsonl", [good, good, bad_role])
+    with pytest.raises(DataError, match=r"bad_role\.jsonl:3: messages\[0\]\.role is 'robot'"):
+        read_vl_records(path)
+    (tmp_path / "junk.png").write_bytes(b"not a png")
+    undecodable = {"messages": [{"role": "user", "content": [{"type": "image", "image": "junk.png"}]},
+                                {"role": "assistant", "content": "x"}]}
+    path = write_jsonl(tmp_path / "junk.jsonl", [undecodable])
+    record = read_vl_records(path)[0]
+    model = ernie45.load_model(tiny_vl, dtype="float32")
+    with pytest.raises(DataError, match=r"junk\.jsonl:1: .*not a decodable image"):
+        _encoder(tiny_vl, model).encode(record)
+
+
+def test_vl_config_checks(tmp_path, tiny_moe, tiny_vl, vl_data):
+    cfg = load_config(Path(__file__).parents[2] / "examples/train/vl_sft.yaml")
+    assert (cfg.stage, cfg.freeze_vision, cfg.train_dataset_type) == ("VL-SFT", True, "chatml")
+    with pytest.raises(ConfigError, match="train_dataset_type: stage VL-SFT reads multimodal chatml"):
+        make_config(tiny_vl, tmp_path, vl_data, stage="VL-SFT")
+    with pytest.raises(ConfigError, match="freeze_vision: only applies to stage VL-SFT"):
+        make_config(tiny_vl, tmp_path, vl_data, freeze_vision=True)
+    with pytest.raises(ConfigError, match="eval_dataset_path: not supported with stage VL-SFT"):
+        VLTrainer(make_config(tiny_vl, tmp_path, vl_data, stage="VL-SFT", train_dataset_type="chatml",
+                              eval_dataset_path=str(vl_data)))
+    with pytest.raises(ConfigError, match="needs an ERNIE 4.5 VL checkpoint"):
+        VLTrainer(make_config(tiny_moe, tmp_path, vl_data, stage="VL-SFT", train_dataset_type="chatml"))
+
+
+def test_loss_only_on_assistant_tokens(tiny_vl, vl_data):
+    model = ernie45.load_model(tiny_vl, dtype="float32")
+    tok = load_tokenizer(tiny_vl)
+    s = _encoder(tiny_vl, model).encode(read_vl_records(vl_data)[2])  # blue, an 84x56 image
+    n_image = int((s.input_ids_T == model.config.image_token_id).sum())
+    assert n_image == int(s.media["image_grid_thw"].prod()) // 4 > 0
+    assert not bool(s.loss_mask_T[s.moe_types_T != 0].any())
+    trained = tok.decode(s.input_ids_T[s.loss_mask_T].tolist(), skip_special_tokens=False)
+    assert trained == "It is blue.<|end_of_sentence|>"
+    assert s.positions_3T.shape == (3, len(s.input_ids_T))
