@@ -53,10 +53,15 @@ class ToolCallStream:
     buffer: str = ""
     in_call: bool = False
     calls: list[dict] = field(default_factory=list)
+    after_call: bool = False  # a call just closed: the newline the template puts after it may still arrive
 
     def feed(self, text: str) -> tuple[str, list[dict]]:
         """(content that can be shown now, tool calls completed by this delta)."""
         self.buffer += text
+        if self.after_call and self.buffer:
+            # The newline the template puts after each block belongs to the call, not to the content.
+            self.buffer = self.buffer.removeprefix("\n")
+            self.after_call = False
         content, new_calls = [], []
         while True:
             if self.in_call:
@@ -72,7 +77,7 @@ class ToolCallStream:
                 else:
                     self.calls.append(call)
                     new_calls.append(call)
-                    # The newline the template puts after each block belongs to the call, not to the content.
+                    self.after_call = not self.buffer
                     self.buffer = self.buffer.removeprefix("\n")
                 continue
             start = self.buffer.find(TOOL_CALL_START)
