@@ -1,4 +1,4 @@
-"""`ernie45` command line: generate, chat, serve."""
+"""`ernie45` command line: generate, chat, serve, train, export, plot."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..server import serve as server_cli
-from . import chat_cmd, generate_cmd
+from . import chat_cmd, export_cmd, generate_cmd, plot_cmd, train_cmd
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,6 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(serve)
     server_cli.add_serve_arguments(serve)
     serve.set_defaults(run=server_cli.run)
+
+    for name, module, help_text in (
+        ("train", train_cmd, "train (PT / SFT / DPO, Full or LoRA) from an ERNIEKit-style YAML config"),
+        ("export", export_cmd, "merge a LoRA adapter into a full checkpoint"),
+        ("plot", plot_cmd, "plot the loss curves of a training run"),
+    ):
+        cmd = sub.add_parser(name, help=help_text)
+        module.add_arguments(cmd)
+        cmd.set_defaults(run=module.run)
     return parser
 
 

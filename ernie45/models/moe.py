@@ -59,9 +59,10 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
 
-    def expert_forward(self, e: int, x_MH: torch.Tensor) -> torch.Tensor:
-        gate_MI, up_MI = linear(x_MH, self.gate_up_proj[e]).chunk(2, dim=-1)
-        return linear(F.silu(gate_MI) * up_MI, self.down_proj[e])
+    def expert_forward(self, e: int, x_MH: torch.Tensor, weights: tuple | None = None) -> torch.Tensor:
+        gate_up, down = weights if weights is not None else (self.gate_up_proj, self.down_proj)
+        gate_MI, up_MI = linear(x_MH, gate_up[e]).chunk(2, dim=-1)
+        return linear(F.silu(gate_MI) * up_MI, down[e])
 
     def forward(self, x_NH: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
         N, K = idx_NK.shape
@@ -69,14 +70,19 @@ class Experts(nn.Module):
         order = flat_expert.argsort(stable=True)  # assignments grouped by expert
         token_of = order // K  # token index of each sorted assignment
         counts = torch.bincount(flat_expert, minlength=self.num_experts).tolist()
-        weights = w_NK.reshape(-1)[order, None]
+        w_sorted = w_NK.reshape(-1)[order, None]
         out_NH = torch.zeros_like(x_NH)
+        weights = None
+        if torch.is_grad_enabled() and (self.gate_up_proj.requires_grad or self.down_proj.requires_grad):
+            # Training: one unbind (whose backward stacks the expert gradients once) instead of indexing per expert,
+            # whose backward zero-fills a full [E, ...] gradient for every expert (E^2 memory traffic).
+            weights = (self.gate_up_proj.unbind(0), self.down_proj.unbind(0))
         start = 0
         for e, count in enumerate(counts):
             if count == 0:
                 continue
             tokens = token_of[start : start + count]
-            y = self.expert_forward(e, x_NH[tokens]) * weights[start : start + count]
+            y = self.expert_forward(e, x_NH[tokens], weights) * w_sorted[start : start + count]
             out_NH.index_add_(0, tokens, y)
             start += count
         return out_NH
