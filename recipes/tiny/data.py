@@ -62,13 +62,17 @@ def assistant_content(problem: Problem, thinking: bool) -> str:
     return problem.answer_text
 
 
-def pretraining_texts(corpus: Corpus, problems: Sequence[Problem], seed: int) -> list[str]:
-    """Quotes (English and Chinese) and task facts, 8 to a document, shuffled."""
-    facts = [problem.statement for problem in problems]
-    docs = [" ".join(facts[i : i + 8]) if i % 16 else "\n".join(facts[i : i + 8]) for i in range(0, len(facts), 8)]
-    texts = [*corpus.train_en, *corpus.train_zh, *docs]
+def pretraining_texts(corpus: Corpus, seed: int) -> list[str]:
+    """Quotes, English and Chinese, shuffled."""
+    texts = [*corpus.train_en, *corpus.train_zh]
     random.Random(seed).shuffle(texts)
     return texts
+
+
+def fact_documents(problems: Sequence[Problem]) -> list[str]:
+    """Task facts, 8 to a document (joined by spaces or, every other document, by newlines)."""
+    facts = [problem.statement for problem in problems]
+    return [" ".join(facts[i : i + 8]) if i % 16 else "\n".join(facts[i : i + 8]) for i in range(0, len(facts), 8)]
 
 
 def sft_conversations(corpus: Corpus, problems: Sequence[Problem], chat_count: int, seed: int) -> list[dict]:
@@ -105,7 +109,8 @@ def dpo_pairs(problems: Sequence[Problem]) -> list[dict]:
 class DataFiles:
     """Paths of the written datasets."""
 
-    pt_train: Path
+    pt_text: Path
+    pt_facts: Path
     pt_eval: Path
     sft_train: Path
     dpo_train: Path
@@ -118,9 +123,10 @@ def write_datasets(out: Path, corpus: Corpus, sizes: DatasetSizes, seed: int) ->
     sft_problems = generate(sizes.sft_tasks, seed + 2, heldout=False)
     dpo_problems = generate(sizes.dpo_pairs, seed + 3, heldout=False)
     eval_problems = generate(sizes.eval_per_task * 3, seed + 4, heldout=True)
-    files = DataFiles(out / "pt_train.jsonl", out / "pt_eval.jsonl", out / "sft_train.jsonl",
+    files = DataFiles(out / "pt_text.jsonl", out / "pt_facts.jsonl", out / "pt_eval.jsonl", out / "sft_train.jsonl",
                       out / "dpo_train.jsonl", out / "eval_tasks.jsonl")
-    write_jsonl(files.pt_train, ({"text": t} for t in pretraining_texts(corpus, pt_problems, seed)))
+    write_jsonl(files.pt_text, ({"text": t} for t in pretraining_texts(corpus, seed)))
+    write_jsonl(files.pt_facts, ({"text": t} for t in fact_documents(pt_problems)))
     write_jsonl(files.pt_eval, ({"text": t} for t in [*corpus.heldout_en, *corpus.heldout_zh]))
     write_jsonl(files.sft_train, sft_conversations(corpus, sft_problems, sizes.sft_chat, seed))
     write_jsonl(files.dpo_train, dpo_pairs(dpo_problems))

@@ -30,20 +30,27 @@ from .tasks import Problem, extract_answer, first_integer
 
 
 @torch.no_grad()
-def perplexity(checkpoint: str | Path, texts: Sequence[str], max_len: int = 512) -> dict:
-    """exp(mean next-token NLL) over all tokens of `texts`, each text scored alone (truncated to `max_len`)."""
+def perplexity(checkpoint: str | Path, texts: Sequence[str], max_len: int = 256, batch_size: int = 32) -> dict:
+    """exp(mean next-token NLL) over all tokens of `texts`, each text scored alone (truncated to `max_len`).
+
+    Texts are batched right-padded: causal attention keeps padding from touching the real tokens.
+    """
     model = load_model(str(checkpoint), dtype="float32")
     tokenizer = load_tokenizer(model.source_dir)
+    encoded = sorted((ids[:max_len] for ids in map(tokenizer.encode, texts) if len(ids) >= 2), key=len)
     total_nll, total_tokens = 0.0, 0
-    for text in texts:
-        ids = tokenizer.encode(text)[:max_len]
-        if len(ids) < 2:
-            continue
-        ids_T = torch.tensor(ids)
-        logits_TV = model(ids_T[None, :-1])[0].float()
-        total_nll += F.cross_entropy(logits_TV, ids_T[1:], reduction="sum").item()
-        total_tokens += len(ids) - 1
-    return {"perplexity": math.exp(total_nll / total_tokens), "tokens": total_tokens, "texts": len(texts)}
+    for start in range(0, len(encoded), batch_size):
+        batch = encoded[start : start + batch_size]
+        width = max(map(len, batch))
+        ids_BT = torch.zeros(len(batch), width, dtype=torch.long)
+        targets_BT = torch.full((len(batch), width), -100, dtype=torch.long)
+        for row, ids in enumerate(batch):
+            ids_BT[row, : len(ids)] = torch.tensor(ids)
+            targets_BT[row, : len(ids) - 1] = torch.tensor(ids[1:])
+        logits_BTV = model(ids_BT).float()
+        total_nll += F.cross_entropy(logits_BTV.flatten(0, 1), targets_BT.flatten(), reduction="sum").item()
+        total_tokens += sum(len(ids) - 1 for ids in batch)
+    return {"perplexity": math.exp(total_nll / total_tokens), "tokens": total_tokens, "texts": len(encoded)}
 
 
 def _accuracy(problems: Sequence[Problem], predictions: Sequence[int | None]) -> dict:
