@@ -9,7 +9,7 @@ Stages (each skipped when its output is already complete, so an interrupted buil
   pt        `ernie45 train configs/pt.yaml`  -> OUT/pt   (then evaluated)
   sft       `ernie45 train configs/sft.yaml` -> OUT/sft  (then evaluated)
   dpo       `ernie45 train configs/dpo.yaml` -> OUT/dpo  (then evaluated)
-  final     OUT/dpo in bfloat16 -> OUT/final; OUT/RESULTS.md
+  final     OUT/dpo in bfloat16 -> OUT/final (evaluated again: the shipped weights); OUT/RESULTS.md
 `--install` copies OUT/final into ernie45/assets/default_model and OUT/RESULTS.md into recipes/tiny/RESULTS.md.
 """
 
@@ -164,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     timed("dpo", train, out, "dpo", "sft", {"train_dataset_path": str(data / "dpo_train.jsonl")}, args.threads)
     results["dpo"] = timed("eval", evaluated, out, "dpo", chat=True)
     final = timed("final", stage_final, out)
+    results["final"] = timed("eval", evaluated, out, "final", chat=True)
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, {args.threads} threads, torch {torch.__version__}"
     write_results(out / "RESULTS.md", out, results, final, timings, time.time() - started, machine)
     _log(f"done: {final} ({sum(f.stat().st_size for f in final.iterdir()) / 1e6:.1f} MB); {out / 'RESULTS.md'}")

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 STAGES = ("pt", "sft", "dpo")
+ROWS = (("pt", "PT"), ("sft", "SFT"), ("dpo", "DPO"), ("final", "DPO, bf16 weights (shipped)"))
 MODES = (("completion", "completion (\"347 + 85 =\")"), ("chat_thinking_off", "chat, thinking off"),
          ("chat_thinking_on", "chat, thinking on"))
 TASKS = ("addition", "counting", "conversion")
@@ -47,7 +48,10 @@ def write_results(path: Path, out: Path, results: dict, final: Path, timings: di
         "## Held-out perplexity after pretraining",
         "",
         f"{pt['perplexity']:.1f} over {pt['tokens']:,} tokens of {pt['texts']:,} held-out quotes "
-        "(English fortunes and Chinese poems/quotes never trained on; each scored alone, at most 256 tokens).",
+        "(English fortunes and Chinese poems/quotes never trained on; each scored alone, at most 256 tokens). "
+        "The same set after the later stages: " + ", ".join(
+            f"{name} {results[stage]['heldout']['perplexity']:.1f}" for stage, name in ROWS[1:] if "heldout" in results[stage]
+        ) + ".",
         "",
         "## Held-out task accuracy (greedy)",
         "",
@@ -57,23 +61,23 @@ def write_results(path: Path, out: Path, results: dict, final: Path, timings: di
         "| stage | " + " | ".join(label for _, label in MODES) + " |",
         "|---|" + "---|" * len(MODES),
     ]
-    for stage in STAGES:
+    for stage, name in ROWS:
         r = results[stage]
-        lines.append(f"| {stage.upper()} | " + " | ".join(_pct(r.get(mode)) for mode, _ in MODES) + " |")
+        lines.append(f"| {name} | " + " | ".join(_pct(r.get(mode)) for mode, _ in MODES) + " |")
     lines += ["", "Per task:", "", "| stage, mode | " + " | ".join(TASKS) + " | en | zh |",
               "|---|" + "---|" * (len(TASKS) + 2)]
-    for stage in STAGES:
+    for stage, name in ROWS:
         for mode, label in MODES:
             r = results[stage].get(mode)
             if r is None:
                 continue
             cells = [_pct(r["by"].get(key)) for key in (*TASKS, "lang:en", "lang:zh")]
-            lines.append(f"| {stage.upper()}, {label} | " + " | ".join(cells) + " |")
+            lines.append(f"| {name}, {label} | " + " | ".join(cells) + " |")
     lines += ["", "Thinking mode, mean output tokens and share of outputs with a reasoning part:", ""]
-    for stage in ("sft", "dpo"):
+    for stage, name in ROWS[1:]:
         for mode, label in MODES[1:]:
             r = results[stage][mode]
-            lines.append(f"- {stage.upper()}, {label}: {r['mean_output_tokens']:.1f} tokens, "
+            lines.append(f"- {name}, {label}: {r['mean_output_tokens']:.1f} tokens, "
                          f"{100 * r['with_reasoning']:.0f}% with reasoning, {100 * r['truncated']:.0f}% cut at the limit")
     lines += ["", "## Training runs (`ernie45 train`, metrics.jsonl)", ""]
     for stage in STAGES:
@@ -88,9 +92,9 @@ def write_results(path: Path, out: Path, results: dict, final: Path, timings: di
             extra += f", trainer eval ppl {m['eval'].get('ppl', float('nan')):.1f}"
         lines.append(f"- {stage.upper()}: {m['steps']} steps, {m['tokens']:,.0f} target tokens, {key} "
                      f"{first.get(key, float('nan')):.3f} -> {last.get(key, float('nan')):.3f}{extra}")
-    lines += ["", "## Examples (held-out, DPO model)", ""]
+    lines += ["", "## Examples (held-out, shipped model)", ""]
     for mode, label in MODES[1:]:
-        for ex in results["dpo"][mode]["examples"][:2]:
+        for ex in results["final"][mode]["examples"][:3]:
             reasoning = (ex["reasoning"] or "").replace("\n", " / ")
             lines.append(f"- {label}: {ex['question']} -> " + (f"[think: {reasoning}] " if reasoning else "")
                          + f"{ex['answer_text']!r} (answer {ex['answer']})")
