@@ -35,8 +35,8 @@ class DatasetSizes:
 
     pt_statement_docs: int = 2500
     """Pretraining documents of task facts ("347 + 85 = 432."), 8 facts each."""
-    sft_tasks: int = 4000
-    """SFT task conversations; every other one in thinking mode."""
+    sft_tasks: int = 16000
+    """SFT task conversations; every other one in thinking mode (one epoch covers the SFT steps)."""
     sft_chat: int = 600
     """SFT general conversations (quotes on request, identity questions)."""
     dpo_pairs: int = 1000
