@@ -4,19 +4,17 @@ from the CLI with no model given, and solves held-out arithmetic about as well a
 import subprocess
 import sys
 
-import pytest
-
 from ernie45 import LLM, SamplingParams, load_model, load_tokenizer
 from ernie45.default_model import DEFAULT_MODEL_DIR, default_model_path
 from recipes.tiny.tasks import extract_answer, generate
 from recipes.tiny.tokenizer import chat_template
 
 MAX_BYTES = 30 * 10**6
-# Held-out addition, thinking on, greedy: the DPO model's accuracy in RESULTS.md, and the floor this test allows
-# on its smaller sample (about 3 standard errors below the measured figure).
-REPORTED_ADDITION_THINKING = None
-FLOOR = None
-
+# recipes/tiny/RESULTS.md, shipped weights, chat with thinking off, greedy, on the 120 held-out problems of the
+# build (seed 1234 + 4): the accuracy reported, and the band this test allows (thread counts and batch shapes
+# change float rounding, which can flip a few greedy answers).
+REPORTED_THINKING_OFF_ACCURACY = 0.083
+TOLERANCE = 0.05
 
 def test_the_package_ships_the_model():
     assert default_model_path() == DEFAULT_MODEL_DIR
@@ -49,17 +47,17 @@ def test_tokenizer_round_trips_english_and_chinese():
 def test_generate_with_no_model_argument_produces_text():
     out = subprocess.run([sys.executable, "-m", "ernie45.cli.main", "generate", "--prompt", "What is 12 + 34?",
                           "--chat", "--temperature", "0", "--max-new-tokens", "24"],
-                         capture_output=True, text=True, timeout=120)
+                         check=False, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip()
 
 
-@pytest.mark.skipif(REPORTED_ADDITION_THINKING is None, reason="no accuracy reported yet")
-def test_held_out_addition_is_answered_at_the_reported_accuracy():
-    problems = [p for p in generate(120, seed=1234 + 4, heldout=True) if p.task == "addition"][:24]
-    llm = LLM(dtype="float32", max_num_seqs=32)
+def test_held_out_tasks_are_answered_at_the_reported_accuracy():
+    # 120 short greedy chats: the slowest test here (about 20 s on an idle 2-core machine).
+    problems = generate(120, seed=1234 + 4, heldout=True)
+    llm = LLM(dtype="float32", max_num_seqs=64, max_num_batched_tokens=4096)
     outputs = llm.chat([[{"role": "user", "content": p.question}] for p in problems],
-                       SamplingParams(temperature=0.0, max_tokens=160), use_tqdm=False,
-                       chat_template_kwargs={"enable_thinking": True})
-    correct = sum(extract_answer(o.outputs[0].text) == p.answer for p, o in zip(problems, outputs))
-    assert correct / len(problems) >= FLOOR
+                       SamplingParams(temperature=0.0, max_tokens=48), use_tqdm=False,
+                       chat_template_kwargs={"enable_thinking": False})
+    accuracy = sum(extract_answer(o.outputs[0].text) == p.answer for p, o in zip(problems, outputs)) / len(problems)
+    assert abs(accuracy - REPORTED_THINKING_OFF_ACCURACY) <= TOLERANCE, accuracy

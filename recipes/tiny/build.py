@@ -43,6 +43,18 @@ SEED = 1234
 VOCAB_SIZE = 8192
 
 
+class StageTimes:
+    """Wall time of each stage that actually ran, kept in OUT/timings.json so a resumed build reports them all."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.seconds: dict[str, float] = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+    def record(self, name: str, started: float) -> None:
+        self.seconds[name] = round(time.time() - started, 1)
+        self.path.write_text(json.dumps(self.seconds, indent=2) + "\n", encoding="utf-8")
+
+
 def _complete(checkpoint: Path) -> bool:
     return (checkpoint / "config.json").is_file() and any(checkpoint.glob("*.safetensors"))
 
@@ -51,9 +63,10 @@ def _log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def stage_data(out: Path, debs: Path | None) -> None:
+def stage_data(out: Path, debs: Path | None, times: StageTimes) -> None:
     if (out / "data" / "eval_tasks.jsonl").is_file():
         return
+    started = time.time()
     _log("data: fetching the pinned fortune packages, writing datasets")
     corpus = build_corpus(out / "sources", debs)
     write_datasets(out / "data.tmp", corpus, DatasetSizes(), SEED)
@@ -61,24 +74,29 @@ def stage_data(out: Path, debs: Path | None) -> None:
     (out / "data.tmp" / "corpus_stats.json").write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
     shutil.rmtree(out / "data", ignore_errors=True)
     os.replace(out / "data.tmp", out / "data")
+    times.record("data", started)
 
 
-def stage_tokenizer(out: Path) -> None:
+def stage_tokenizer(out: Path, times: StageTimes) -> None:
     if (out / "tokenizer" / "tokenizer_config.json").is_file():
         return
+    started = time.time()
     _log("tokenizer: training SentencePiece")
     texts = read_texts(out / "data" / "pt_text.jsonl")
     build_tokenizer(out / "tokenizer.tmp", texts, generate(3000, SEED + 5, heldout=False), VOCAB_SIZE)
     os.replace(out / "tokenizer.tmp", out / "tokenizer")
+    times.record("tokenizer", started)
 
 
-def stage_init(out: Path) -> None:
+def stage_init(out: Path, times: StageTimes) -> None:
     if not _complete(out / "init"):
+        started = time.time()
         _log("init: random initial checkpoint")
         write_initial_checkpoint(out / "init", out / "tokenizer", SEED)
+        times.record("init", started)
 
 
-def train(out: Path, stage: str, start: str, overrides: dict[str, str], threads: int) -> Path:
+def train(out: Path, stage: str, start: str, overrides: dict[str, str], threads: int, times: StageTimes) -> Path:
     """Run `ernie45 train configs/STAGE.yaml` from OUT/START into OUT/STAGE; returns the checkpoint."""
     target = out / stage
     if _complete(target) and (target / "metrics.jsonl").is_file():
@@ -88,11 +106,13 @@ def train(out: Path, stage: str, start: str, overrides: dict[str, str], threads:
     command = [sys.executable, "-m", "ernie45.cli.main", "train", str(RECIPE_DIR / "configs" / f"{stage}.yaml"),
                *(f"{k}={v}" for k, v in args.items())]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    started = time.time()
     subprocess.run(command, check=True, env=env)
+    times.record(stage, started)
     return target
 
 
-def evaluated(out: Path, stage: str, chat: bool) -> dict:
+def evaluated(out: Path, stage: str, chat: bool, times: StageTimes) -> dict:
     path = out / "eval" / f"{stage}.json"
     if path.is_file():
         return json.loads(path.read_text(encoding="utf-8"))
@@ -102,17 +122,20 @@ def evaluated(out: Path, stage: str, chat: bool) -> dict:
     started = time.time()
     result = evaluate(out / stage, problems, texts, chat=chat)
     result["seconds"] = round(time.time() - started, 1)
+    times.record(f"eval {stage}", started)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return result
 
 
-def stage_final(out: Path) -> Path:
+def stage_final(out: Path, times: StageTimes) -> Path:
     """The DPO model with weights in bfloat16 (router weights and correction biases stay fp32)."""
     final = out / "final"
     if not _complete(final):
+        started = time.time()
         model = load_model(str(out / "dpo"), dtype="bfloat16")
         save_model(model, final, tokenizer=out / "dpo")
+        times.record("final", started)
     return final
 
 
@@ -124,6 +147,7 @@ def install(out: Path) -> None:
     tmp.mkdir(parents=True)
     for path in files:
         shutil.copy2(path, tmp / path.name)
+        (tmp / path.name).chmod(0o644)  # the saver's temporary files are private; package data is not
     shutil.copy2(out / "RESULTS.md", tmp / "RESULTS.md")
     shutil.rmtree(DEFAULT_MODEL_DIR, ignore_errors=True)
     os.replace(tmp, DEFAULT_MODEL_DIR)
@@ -141,32 +165,25 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    timings: dict[str, float] = {}
-
-    def timed(name, fn, *a, **kw):
-        t = time.time()
-        result = fn(*a, **kw)
-        timings[name] = timings.get(name, 0.0) + time.time() - t
-        return result
-
-    timed("data", stage_data, out, args.debs)
-    timed("tokenizer", stage_tokenizer, out)
-    timed("init", stage_init, out)
+    times = StageTimes(out / "timings.json")
+    stage_data(out, args.debs, times)
+    stage_tokenizer(out, times)
+    stage_init(out, times)
     data = out / "data"
-    timed("pt", train, out, "pt", "init", {
+    train(out, "pt", "init", {
         "train_dataset_path": f"{data / 'pt_text.jsonl'},{data / 'pt_facts.jsonl'}",
         "eval_dataset_path": str(data / "pt_eval.jsonl"),
-    }, args.threads)
-    results = {"pt": timed("eval", evaluated, out, "pt", chat=False)}
-    timed("sft", train, out, "sft", "pt", {"train_dataset_path": str(data / "sft_train.jsonl")}, args.threads)
-    results["sft"] = timed("eval", evaluated, out, "sft", chat=True)
-    timed("dpo", train, out, "dpo", "sft", {"train_dataset_path": str(data / "dpo_train.jsonl")}, args.threads)
-    results["dpo"] = timed("eval", evaluated, out, "dpo", chat=True)
-    final = timed("final", stage_final, out)
-    results["final"] = timed("eval", evaluated, out, "final", chat=True)
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, {args.threads} threads, torch {torch.__version__}"
-    write_results(out / "RESULTS.md", out, results, final, timings, time.time() - started, machine)
+    }, args.threads, times)
+    results = {"pt": evaluated(out, "pt", False, times)}
+    train(out, "sft", "pt", {"train_dataset_path": str(data / "sft_train.jsonl")}, args.threads, times)
+    results["sft"] = evaluated(out, "sft", True, times)
+    train(out, "dpo", "sft", {"train_dataset_path": str(data / "dpo_train.jsonl")}, args.threads, times)
+    results["dpo"] = evaluated(out, "dpo", True, times)
+    final = stage_final(out, times)
+    results["final"] = evaluated(out, "final", True, times)
+    threads = f"{args.threads} thread{'s' if args.threads > 1 else ''}"
+    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, {threads}, torch {torch.__version__}"
+    write_results(out / "RESULTS.md", out, results, final, times.seconds, machine)
     _log(f"done: {final} ({sum(f.stat().st_size for f in final.iterdir()) / 1e6:.1f} MB); {out / 'RESULTS.md'}")
     if args.install:
         install(out)

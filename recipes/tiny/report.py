@@ -24,12 +24,12 @@ def _last_train_metrics(run_dir: Path) -> dict:
     out = {"steps": train[-1]["step"] if train else 0, "first": train[0] if train else {}, "last": train[-1] if train else {}}
     if evals:
         out["eval"] = evals[-1]
-    out["tokens"] = sum(m.get("tokens", 0) for m in train)
+    # `tokens` is per logged step: the mean over logged steps stands for every step.
+    out["tokens_per_step"] = sum(m.get("tokens", 0) for m in train) / max(1, len(train))
     return out
 
 
-def write_results(path: Path, out: Path, results: dict, final: Path, timings: dict, total_s: float,
-                  machine: str) -> None:
+def write_results(path: Path, out: Path, results: dict, final: Path, timings: dict, machine: str) -> None:
     size = sum(f.stat().st_size for f in final.iterdir() if f.is_file())
     weights = sum(f.stat().st_size for f in final.glob("*.safetensors"))
     config = json.loads((final / "config.json").read_text(encoding="utf-8"))
@@ -37,13 +37,14 @@ def write_results(path: Path, out: Path, results: dict, final: Path, timings: di
     lines = [
         "# The embedded default model: results",
         "",
-        f"Built {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `python -m recipes.tiny.build` on {machine}; "
-        f"whole build {total_s / 60:.1f} min (" + ", ".join(f"{k} {v / 60:.1f}" for k, v in timings.items()) + " min).",
+        f"Built {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `python -m recipes.tiny.build` on {machine}. "
+        f"Stage wall times (OUT/timings.json), {sum(timings.values()) / 60:.1f} min in all: "
+        + ", ".join(f"{k} {v / 60:.1f}" for k, v in timings.items()) + " min.",
         "",
-        f"Checkpoint: {size / 1e6:.1f} MB in total ({weights / 1e6:.1f} MB of bfloat16 safetensors), "
-        f"{config['model_type']}, hidden {config['hidden_size']}, {config['num_hidden_layers']} layers "
-        f"(layer 0 dense), {config['moe_num_experts']} experts top-{config['moe_k']} + "
-        f"{config['moe_num_shared_experts']} shared, vocab {config['vocab_size']}.",
+        (f"Checkpoint: {size / 1e6:.1f} MB in total ({weights / 1e6:.1f} MB of bfloat16 safetensors), "
+         f"{config['model_type']}, hidden {config['hidden_size']}, {config['num_hidden_layers']} layers "
+         f"(layer 0 dense), {config['moe_num_experts']} experts top-{config['moe_k']} + "
+         f"{config['moe_num_shared_experts']} shared, vocab {config['vocab_size']}."),
         "",
         "## Held-out perplexity after pretraining",
         "",
@@ -55,8 +56,8 @@ def write_results(path: Path, out: Path, results: dict, final: Path, timings: di
         "",
         "## Held-out task accuracy (greedy)",
         "",
-        f"{results['pt']['completion']['n']} held-out problems (addition, counting, unit conversion; English and "
-        "Chinese alternating; operands never seen in any training stage).",
+        (f"{results['pt']['completion']['n']} held-out problems (addition, counting, unit conversion; English and "
+         "Chinese alternating; operands never seen in any training stage)."),
         "",
         "| stage | " + " | ".join(label for _, label in MODES) + " |",
         "|---|" + "---|" * len(MODES),
@@ -90,7 +91,7 @@ def write_results(path: Path, out: Path, results: dict, final: Path, timings: di
                     f"{last.get('rewards_accuracy', float('nan')):.2f}"
         if "eval" in m:
             extra += f", trainer eval ppl {m['eval'].get('ppl', float('nan')):.1f}"
-        lines.append(f"- {stage.upper()}: {m['steps']} steps, {m['tokens']:,.0f} target tokens, {key} "
+        lines.append(f"- {stage.upper()}: {m['steps']} steps, about {m['tokens_per_step']:,.0f} target tokens a step, {key} "
                      f"{first.get(key, float('nan')):.3f} -> {last.get(key, float('nan')):.3f}{extra}")
     lines += ["", "## Examples (held-out, shipped model)", ""]
     for mode, label in MODES[1:]:

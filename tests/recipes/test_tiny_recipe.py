@@ -7,7 +7,8 @@ import pytest
 
 from ernie45.tokenizer import load_tokenizer, render_chat_template
 from ernie45.tokenizer.training import CONTROL_PIECES, USER_DEFINED_PIECES
-from recipes.tiny.corpus import clean, is_held_out as quote_held_out, split_fortunes
+from recipes.tiny.corpus import clean, split_fortunes
+from recipes.tiny.corpus import is_held_out as quote_held_out
 from recipes.tiny.data import assistant_content, dpo_pairs
 from recipes.tiny.tasks import TASKS, extract_answer, first_integer, generate, is_held_out, mistaken
 from recipes.tiny.tokenizer import build_tokenizer, chat_template
