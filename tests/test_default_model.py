@@ -4,8 +4,11 @@ from the CLI with no model given, and solves held-out arithmetic about as well a
 import subprocess
 import sys
 
+import pytest
+
+import ernie45.default_model
 from ernie45 import LLM, SamplingParams, load_model, load_tokenizer
-from ernie45.default_model import DEFAULT_MODEL_DIR, default_model_path
+from ernie45.default_model import DEFAULT_MODEL_DIR, default_model_path, resolve_model_argument
 from recipes.tiny.tasks import extract_answer, generate
 from recipes.tiny.tokenizer import chat_template
 
@@ -21,6 +24,14 @@ def test_the_package_ships_the_model():
     for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.model",
                  "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"):
         assert (DEFAULT_MODEL_DIR / name).is_file(), name
+
+
+def test_commands_fall_back_to_it_and_say_so_when_a_build_has_none(tmp_path, monkeypatch):
+    assert resolve_model_argument(None) == str(DEFAULT_MODEL_DIR)
+    assert resolve_model_argument("some/model") == "some/model"
+    monkeypatch.setattr(ernie45.default_model, "DEFAULT_MODEL_DIR", tmp_path)
+    with pytest.raises(SystemExit, match="no MODEL given"):
+        resolve_model_argument(None)
 
 
 def test_total_size_is_at_most_30_mb():
