@@ -1,0 +1,1 @@
+"""Reproducible recipes that build models with ernie45's own toolkit."""
