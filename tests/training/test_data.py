@@ -81,3 +81,24 @@ def test_pack_segments_and_positions():
     batch = collate(packed, pad_id=0)
     assert batch["segment_ids"][1].tolist() == [0, 0, 0, 0, -1] and not batch["loss_mask"][1, -1]
     assert batch["input_ids"].shape == torch.Size([2, 5])
+
+
+def test_every_epoch_serves_full_batches_though_packing_varies_per_epoch(tmp_path, tok):
+    """Packing a reshuffled epoch gives a different number of sequences each time; steps_per_epoch is counted on
+    epoch 0, so a shorter epoch must still fill its last batch (it wraps around to its own first sequences)."""
+    from ernie45.training.data import TrainData
+
+    from .helpers import make_config
+
+    rows = [{"src": [f"q{i} " + "word " * ((i * 7919) % 23)], "tgt": [f"a{i} " + "x " * ((i * 104729) % 17)]}
+            for i in range(120)]
+    data = write_jsonl(tmp_path / "sft.jsonl", rows)
+    cfg = make_config(tmp_path, tmp_path / "out", data, max_seq_len=64, batch_size=1)
+    train = TrainData(cfg, Encoder(tok, cfg.max_seq_len), 0, world_size=1)
+    steps, train.steps_per_epoch = train.steps_per_epoch, 0  # 0: no wrap-around, the raw packed epochs
+    raw_sizes = [len(train.epoch_units(epoch)) for epoch in range(6)]
+    train.steps_per_epoch, train._epoch_cache = steps, None
+    assert min(raw_sizes) < steps * cfg.batch_size  # the case this guards: an epoch shorter than epoch 0's steps
+    for step in range(6 * train.steps_per_epoch):
+        (batch,) = train.micro_batches(step, rank=0)
+        assert batch["input_ids"].shape[0] == cfg.batch_size, step

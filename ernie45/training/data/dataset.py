@@ -75,6 +75,11 @@ class TrainData:
         units = mixed if self.is_pairs or not self.cfg.packing else pack(mixed, self.cfg.max_seq_len)
         if not self.is_pairs and not self.cfg.packing:
             units = pack_each(units, self.cfg.max_seq_len)
+        # Packing gives each epoch's shuffle a slightly different number of sequences, but every epoch has
+        # steps_per_epoch steps (counted on epoch 0): a short epoch wraps around to its own first sequences.
+        needed = getattr(self, "steps_per_epoch", 0) * self.global_batch
+        if units and len(units) < needed:
+            units = units + [units[i % len(units)] for i in range(needed - len(units))]
         self._epoch_cache = (epoch, units)
         return units
 
