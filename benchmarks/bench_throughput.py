@@ -460,11 +460,11 @@ def main() -> None:
             continue
         lower_is_better = name == "cached_vs_uncached_ttft"
         met = value <= target if lower_is_better else value >= target
-        # Batch-1 decode "no slower": within 3% (run-to-run noise on this VM) counts as met.
-        if name == "engine_vs_core_b1_decode":
-            met = value >= 0.97
-        print(f"{name:28} {value:9.3f} {('<= ' if lower_is_better else '>= ') + format(target, 'g'):>9}  "
-              f"{'yes' if met else 'NO'}")
+        verdict = "yes" if met else "NO"
+        # Batch-1 decode pairs spread by about +-5% on this VM: a shortfall under 3% is reported as such, not as met.
+        if name == "engine_vs_core_b1_decode" and not met and value >= 0.97:
+            verdict = "NO (within noise)"
+        print(f"{name:28} {value:9.3f} {('<= ' if lower_is_better else '>= ') + format(target, 'g'):>9}  {verdict}")
     print(json.dumps({"bench": "throughput", "threads": args.threads, "dtype": args.dtype, "num_requests": N,
                       "prompt_len": P, "output_len": O, "results": rows, "ratios": ratios, "targets": TARGETS,
                       **extra}))
