@@ -59,3 +59,16 @@ def lr_factor(step: int, cfg: TrainConfig, total_steps: int) -> float:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, total_steps))
+
+
+def optimizer_step(params, optimizer: torch.optim.Optimizer, scheduler, max_grad_norm: float) -> tuple[float, float]:
+    """Clip (when max_grad_norm > 0), step the optimizer and the schedule, clear the gradients; returns the
+    (lr used by this step, gradient norm before clipping or NaN when not clipped)."""
+    grad_norm = float("nan")
+    if max_grad_norm:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return lr, grad_norm

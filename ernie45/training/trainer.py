@@ -34,7 +34,7 @@ from .lora import adapter_state_dict, adapters_disabled, apply_lora, peft_mismat
 from .losses import update_correction_bias
 from .metrics import MetricsLogger
 from .objectives import Objective, counts
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, optimizer_step
 from .plot import plot_run
 
 
@@ -150,13 +150,7 @@ class Trainer:
             (loss * info.world_size).backward()
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v
-        grad_norm = float("nan")
-        if cfg.max_grad_norm:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        lr, grad_norm = optimizer_step(self.params, self.optimizer, self.scheduler, cfg.max_grad_norm)
         if usage is not None:
             for block, u in zip(self.blocks, usage):
                 D.all_reduce_sum(u, info)

@@ -26,7 +26,7 @@ from .config import ConfigError, TrainConfig, split_list
 from .data.vl_sft import VLEncoder, collate_vl, read_vl_records
 from .losses import IGNORE, update_correction_bias
 from .metrics import MetricsLogger
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, optimizer_step
 from .plot import plot_run
 from .trainer import _resolve, autocast_dtype, seed_everything
 from .vl_objective import MODALITIES, VLObjective, VLTrainingModel, vl_targets
@@ -124,13 +124,7 @@ class VLTrainer:
             loss.backward()
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v
-        grad_norm = float("nan")
-        if cfg.max_grad_norm:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        lr, grad_norm = optimizer_step(self.params, self.optimizer, self.scheduler, cfg.max_grad_norm)
         if usage is not None:
             for block, u in zip(blocks, usage):
                 for modality, moe in (("text", block.text_moe), ("vision", block.vision_moe)):
