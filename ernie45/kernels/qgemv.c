@@ -178,28 +178,8 @@ INLINE f32x16 widen_codes(u8x16 bytes, int shift, int BITS) {
  * every call site. */
 INLINE f32x16 codes16(const uint8_t *row, int64_t v, int BITS) {
     const int per = 8 / BITS;
-    const int shift = (int)(v % per) * BITS;
-#if defined(__AVX2__)
-    /* Named instructions: gcc lowers __builtin_convertvector(u8x16 -> f32x16) through scalar moves. */
-    __m128i q = _mm_loadu_si128((const __m128i *)(row + (v / per) * 16));
-    if (BITS != 8) q = _mm_and_si128(_mm_srli_epi16(q, shift), _mm_set1_epi8((char)((1u << BITS) - 1)));
-#if defined(__AVX512F__)
-    return (f32x16)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q));
-#else
-    const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q));
-    const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(q, 8)));
-    f32x16 out;
-    memcpy(&out, &lo, sizeof lo);
-    memcpy((char *)&out + sizeof lo, &hi, sizeof hi);
-    return out;
-#endif
-#else
     const u8x16 bytes = *(const u8x16_u *)(row + (v / per) * 16);
-    u8x16 q = BITS == 8 ? bytes : (u8x16)((bytes >> shift) & (uint8_t)((1u << BITS) - 1));
-    f32x16 out;
-    for (int j = 0; j < 16; ++j) out[j] = (float)q[j];
-    return out;
-#endif
+    return widen_codes(bytes, (int)(v % per) * BITS, BITS);
 }
 
 INLINE float zero_point(const uint8_t *zeros, int64_t at, float zero_const, int BITS) {
