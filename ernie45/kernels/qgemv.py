@@ -34,13 +34,19 @@ _ERRORS = {
 }
 
 
+AVX2_FLAGS = (*(f for f in gemv_build.COMPILE_FLAGS if f != "-march=native"), "-mavx2", "-mfma", "-mf16c")
+"""A build for AVX2 CPUs without AVX-512 (the integer path then uses vpmaddubsw): tests build it on any x86 CPU
+with AVX2 to check that code path too."""
+
+
 @functools.cache
-def _library() -> Callable[..., int] | None:
-    """The kernel's entry point, built on first use; None (logged once) if disabled or the build fails."""
+def _library(flags: tuple[str, ...] = gemv_build.COMPILE_FLAGS) -> Callable[..., int] | None:
+    """The kernel's entry point built with `flags` on first use; None (logged once) if disabled or the build
+    fails."""
     if os.environ.get("ERNIE45_DISABLE_KERNELS") == "1":
         return None
     try:
-        lib = ctypes.CDLL(str(gemv_build.build(source=SOURCE_PATH)))
+        lib = ctypes.CDLL(str(gemv_build.build(flags=flags, source=SOURCE_PATH)))
         ptr, i32, i64, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
         prototype = ctypes.CFUNCTYPE(
             i32, ptr, i32, ptr, i32, i64, ptr, ptr, f32, i64, ptr, i32, ptr, i32, i64, i64, i64, i32
@@ -76,14 +82,19 @@ def qgemv(
     bits: int,
     group_size: int,
     bias: torch.Tensor | None = None,
+    *,
+    flags: tuple[str, ...] = gemv_build.COMPILE_FLAGS,
 ) -> torch.Tensor:
     """x [..., K] @ dequant(qweight [N, row_bytes], scales fp16 / zeros uint8 [N, K/group_size])^T + bias, in
     x's dtype.
 
-    Symmetric weights pass zeros=None (zero point 2^(bits-1)). Raises RuntimeError if the kernel is unavailable or
-    rejects the shapes. The result carries no autograd history.
+    Symmetric weights pass zeros=None (zero point 2^(bits-1)). With `uses_integer_path` (batch-1 and batch-2
+    decode of 4-bit and 2-bit weights) the kernel takes its integer path: x is rounded per group to 16-bit integers, so each output may differ
+    from the fp32 product by up to sum_k |w_k| * max|x_group(k)| / 65024 (`integer_path_error_bound`). `flags`
+    picks the build (tests pass AVX2_FLAGS). Raises RuntimeError if the kernel is unavailable or rejects the
+    shapes. The result carries no autograd history.
     """
-    fn = _library()
+    fn = _library(flags)
     if fn is None:
         raise RuntimeError("the quantized gemv kernel is unavailable (disabled or failed to build)")
     K = x.shape[-1]
@@ -107,3 +118,17 @@ def qgemv(
     if status != 0:
         raise RuntimeError(f"qgemv kernel failed: {_ERRORS.get(status, status)}")
     return y
+
+
+def uses_integer_path(bits: int, group_size: int, rows: int) -> bool:
+    """Whether the kernel forms dot products in integers here (on x86 with AVX2 or AVX-512 VNNI): 4-bit and 2-bit
+    codes, group size a multiple of 64 (at most 4096), at most 2 rows of x (decode)."""
+    return bits in (4, 2) and group_size % 64 == 0 and group_size <= 4096 and rows <= 2
+
+
+def integer_path_error_bound(x: torch.Tensor, weight: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Per output, the most the integer path's rounding of x can move x @ weight^T: sum_k |w_k| * max|x_g(k)| / 65024
+    (x rounded to steps of max|x_g| / 32512, half a step at most); x [M, K], weight [N, K] dequantized."""
+    group_max = x.float().abs().unflatten(-1, (-1, group_size)).amax(-1)
+    return group_max.repeat_interleave(group_size, dim=-1) @ weight.float().abs().T / 65024
+

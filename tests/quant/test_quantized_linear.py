@@ -1,5 +1,7 @@
 """The fused kernel and the reference dequantize path compute x @ dequant(W)^T; experts as the dense grouped path."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -17,6 +19,8 @@ SPECS = [
     QuantSpec(8, 32, False),
     QuantSpec(4, 32, False),
     QuantSpec(4, 16, True),
+    QuantSpec(4, 64, False),
+    QuantSpec(4, 128, True),
     QuantSpec(2, 16, False),
     QuantSpec(2, 64, False),
 ]
@@ -44,7 +48,51 @@ def test_matches_dequantized_reference(spec, rows, path):
     with torch.no_grad():
         y = module(x)
     expected = x @ w.T + module.bias
-    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
+    assert_within_kernel_error(y, expected, x, w, spec, kernel=path == "kernel")
+
+
+def assert_within_kernel_error(y, expected, x, w, spec, kernel):
+    """fp32-close, except that the integer path may also move each output by its documented rounding bound."""
+    atol = torch.full_like(expected, 1e-4)
+    if kernel and qgemv.uses_integer_path(spec.bits, spec.group_size, x.shape[0]):
+        atol = atol + qgemv.integer_path_error_bound(x, w, spec.group_size) * 1.001
+    assert ((y - expected).abs() <= atol + 1e-4 * expected.abs()).all(), (y - expected).abs().max()
+
+
+def _cpu_has_avx2() -> bool:
+    try:
+        return " avx2" in Path("/proc/cpuinfo").read_text(errors="ignore")
+    except OSError:
+        return False
+
+
+X86_WITH_AVX2 = _cpu_has_avx2()
+
+
+@pytest.mark.skipif(not X86_WITH_AVX2, reason="the AVX2 build needs an x86 CPU with AVX2")
+@pytest.mark.parametrize("spec", [QuantSpec(4, 64, False), QuantSpec(4, 128, True), QuantSpec(2, 64, False),
+                                  QuantSpec(8, 32, False), QuantSpec(4, 32, False)], ids=str)
+@pytest.mark.parametrize("rows", [1, 2, 3, 16])
+def test_avx2_build_matches_dequantized_reference(spec, rows):
+    """The build for CPUs without AVX-512 (vpmaddubsw integer path, 8-lane float path), checked on this CPU."""
+    packed = rtn_quantize(torch.randn(40, 256, generator=torch.Generator().manual_seed(1)), spec)
+    w = packed.dequantize()
+    x = torch.randn(rows, 256)
+    y = qgemv.qgemv(x, packed.qweight, packed.scales, packed.zeros, spec.bits, spec.group_size,
+                    flags=qgemv.AVX2_FLAGS)
+    assert_within_kernel_error(y, x @ w.T, x, w, spec, kernel=True)
+
+
+def test_integer_path_error_is_small_next_to_bf16_rounding():
+    """The integer path's x rounding (16-bit per group) is far finer than running the product with x in bf16."""
+    spec = QuantSpec(4, 128, False)
+    packed = rtn_quantize(torch.randn(256, 1024, generator=torch.Generator().manual_seed(2)), spec)
+    w = packed.dequantize()
+    x = torch.randn(1, 1024, generator=torch.Generator().manual_seed(3))
+    y = qgemv.qgemv(x, packed.qweight, packed.scales, packed.zeros, 4, 128)
+    exact = x.double() @ w.double().T
+    bf16 = x.bfloat16().double() @ w.double().T
+    assert (y.double() - exact).abs().max() < 0.05 * (bf16 - exact).abs().max()
 
 
 def test_kernel_takes_bf16_activations_and_leading_dims():
