@@ -37,6 +37,22 @@
 enum { DTYPE_F32 = 0, DTYPE_BF16 = 1, DTYPE_F16 = 2 };
 enum { QGEMV_OK = 0, QGEMV_BAD_DTYPE = 1, QGEMV_BAD_SHAPE = 2, QGEMV_NO_MEMORY = 3 };
 
+/* One weight of a call (ernie45_qgemv_many: several weights sharing x, e.g. q/k/v; ctypes mirrors this layout). */
+typedef struct {
+    const uint8_t *qweight; /* [N, row_bytes] */
+    int64_t row_bytes;
+    const uint16_t *scales; /* fp16 [N, K / group_size] */
+    const uint8_t *zeros;   /* uint8 [N, K / group_size], or NULL: every zero point is zero_const */
+    float zero_const;
+    const void *bias;       /* [N] or NULL */
+    int bias_dtype;
+    void *y;                /* [M, N] in y_dtype */
+    int64_t N;
+} QgemvWeight;
+
+/* Most weights per call. */
+#define MAX_WEIGHTS 8
+
 typedef float f32x16 __attribute__((vector_size(64)));
 typedef uint8_t u8x16 __attribute__((vector_size(16)));
 typedef uint8_t u8x16_u __attribute__((vector_size(16), aligned(1), may_alias));
@@ -286,11 +302,13 @@ INLINE ivec idot(ivec acc, ivec codes, ivec x) { return _mm512_dpbusd_epi32(acc,
 /* The 64 codes of unit u of a packed row, in weight order, one byte each. */
 INLINE void unit_codes(const uint8_t *row, int64_t u, int BITS, ivec out[UNIT_VECS]) {
     if (BITS == 4) {
-        /* Blocks A, B (32 weights each: low nibbles then high nibbles) -> lanes [A, A, B, B] -> shift lanes 1, 3. */
-        const __m512i t = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(row + u * 32)));
-        const __m512i ab = _mm512_shuffle_i64x2(t, t, _MM_SHUFFLE(1, 1, 0, 0));
-        const __m512i shifts = _mm512_set_epi32(4, 4, 4, 4, 0, 0, 0, 0, 4, 4, 4, 4, 0, 0, 0, 0);
-        out[0] = _mm512_and_si512(_mm512_srlv_epi32(ab, shifts), _mm512_set1_epi8(0x0f));
+        /* Blocks A, B (weights 0-31, 32-63; low nibbles then high nibbles) -> [lo A, lo B, hi A, hi B]: weights
+         * 0-15, 32-47, 16-31, 48-63, the order quantize_x writes x in (unit_slot). Faster when streaming than
+         * putting the codes in weight order with a lane shuffle and variable shifts (26 vs 22 GB/s). */
+        const __m256i q = _mm256_loadu_si256((const __m256i *)(row + u * 32));
+        const __m256i lo = _mm256_and_si256(q, _mm256_set1_epi8(0x0f));
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), _mm256_set1_epi8(0x0f));
+        out[0] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
     } else {
         /* One block of 64 weights: lane s holds the bit field s. */
         const __m512i b = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(row + u * 16)));
@@ -299,6 +317,8 @@ INLINE void unit_codes(const uint8_t *row, int64_t u, int BITS, ivec out[UNIT_VE
     }
 }
 INLINE f32x16 ivec_to_f32x16(ivec v) { return (f32x16)_mm512_cvtepi32_ps(v); }
+/* Where weight j of a 64-weight unit sits in unit_codes' vector: 4-bit swaps the middle two quarters. */
+INLINE int64_t unit_slot(int64_t j, int BITS) { return BITS == 4 ? (j & ~48) | ((j & 16) << 1) | ((j & 32) >> 1) : j; }
 #elif defined(__AVX2__)
 #define INT_DOT 1
 typedef __m256i ivec;
@@ -323,6 +343,7 @@ INLINE void unit_codes(const uint8_t *row, int64_t u, int BITS, ivec out[UNIT_VE
         out[1] = _mm256_and_si256(_mm256_srlv_epi32(b, _mm256_set_epi32(6, 6, 6, 6, 4, 4, 4, 4)), _mm256_set1_epi8(0x03));
     }
 }
+INLINE int64_t unit_slot(int64_t j, int BITS) { (void)BITS; return j; }
 INLINE f32x16 ivec_to_f32x16(ivec v) {
     const __m256 lo = _mm256_cvtepi32_ps(v);
     f32x16 out = {0};
@@ -364,7 +385,24 @@ INLINE void rows_int(const uint8_t *qw, int64_t row_bytes, const uint16_t *scale
             for (int m = 0; m < MT; ++m) {
                 const float *sx = xscale + m * groups + g0, *xs = xsum + m * groups + g0;
                 float zt = 0.0f;
-                for (int64_t j = 0; j < gn; ++j) {
+                int64_t j = 0;
+#if defined(__AVX2__) && defined(__F16C__)
+                /* 8 groups at a time (the compiler does not vectorize the fp16 conversions); a scalar tail. */
+                __m256 zt8 = _mm256_setzero_ps();
+                for (; j + 8 <= gn; j += 8) {
+                    const __m256 s8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s_row + j)));
+                    _mm256_storeu_ps(&factor[r][m][j], _mm256_mul_ps(s8, _mm256_loadu_ps(sx + j)));
+                    const __m256 z8 = z_row ? _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
+                                                                _mm_loadl_epi64((const __m128i *)(z_row + j)))),
+                                                            _mm256_set1_ps(zero_step))
+                                            : _mm256_set1_ps(zero_const);
+                    zt8 = _mm256_fmadd_ps(_mm256_mul_ps(s8, z8), _mm256_loadu_ps(xs + j), zt8);
+                }
+                float lanes[8];
+                _mm256_storeu_ps(lanes, zt8);
+                for (int l = 0; l < 8; ++l) zt += lanes[l];
+#endif
+                for (; j < gn; ++j) {
                     const float s = f16_to_f32(s_row[j]);
                     factor[r][m][j] = s * sx[j];
                     zt += s * (z_row ? (float)z_row[j] * zero_step : zero_const) * xs[j];
@@ -416,11 +454,11 @@ INLINE void rows_int(const uint8_t *qw, int64_t row_bytes, const uint16_t *scale
     for (int r = 0; r < R; ++r)
         for (int m = 0; m < MT; ++m) out[r][m] = hsum(total[r][m]) - zero_term[r][m];
 }
-#endif
 
 /* x [M, K] (fp32) -> per group of G: scale sx = max|x_g| / 32512 and x_g / sx rounded to an integer
- * 256 * hi + lo with hi in [-127, 127] and lo in [-128, 127]. */
-static void quantize_x(const float *x, int64_t M, int64_t K, int64_t G, int8_t *xhi, int8_t *xlo, float *xscale) {
+ * 256 * hi + lo with hi in [-127, 127] and lo in [-128, 127], each 64 values in unit_codes' order. */
+static void quantize_x(const float *x, int64_t M, int64_t K, int64_t G, int BITS, int8_t *xhi, int8_t *xlo,
+                       float *xscale) {
     const int64_t groups = K / G;
     for (int64_t m = 0; m < M; ++m)
         for (int64_t g = 0; g < groups; ++g) {
@@ -433,11 +471,13 @@ static void quantize_x(const float *x, int64_t M, int64_t K, int64_t G, int8_t *
                 const float scaled = xg[k] * inv; /* rounded half away from zero (no libm needed) */
                 const int32_t v = (int32_t)(scaled + (scaled >= 0.0f ? 0.5f : -0.5f)); /* in [-32512, 32512] */
                 const int32_t h = (v + 128 + 32768) / 256 - 128;        /* floor((v + 128) / 256) */
-                xhi[m * K + g * G + k] = (int8_t)h;
-                xlo[m * K + g * G + k] = (int8_t)(v - 256 * h);
+                const int64_t at = m * K + g * G + (k & ~63) + unit_slot(k & 63, BITS);
+                xhi[at] = (int8_t)h;
+                xlo[at] = (int8_t)(v - 256 * h);
             }
         }
 }
+#endif
 
 /* Dequantize weights [k0, k0 + kc) of rows [n0, n0 + R) into wbuf [R][kc] fp32. */
 INLINE void dequantize_chunk(const uint8_t *qw, int64_t row_bytes, const uint16_t *scales, const uint8_t *zeros,
@@ -519,15 +559,23 @@ static void store_row_outputs(void *y, int y_dtype, const void *bias, int bias_d
 
 /* One instantiation per bit width, so codes16's shifts and masks are constants. */
 #define DEFINE_QGEMV(BITS)                                                                                        \
-    static void qgemv_##BITS(const float *x, const float *xsum, const uint8_t *qw, int64_t row_bytes,            \
-                             const uint16_t *scales, const uint8_t *zeros, float zero_const, const void *bias,   \
-                             int bias_dtype, void *y, int y_dtype, int64_t M, int64_t N, int64_t K, int64_t G,    \
+    static void qgemv_##BITS(const float *x, const float *xsum, const QgemvWeight *weights,                      \
+                             const int64_t *tile_end, int count, int y_dtype, int64_t M, int64_t K, int64_t G,    \
                              int threads, float *wbufs, const int8_t *xhi, const int8_t *xlo,                     \
                              const float *xscale) {                                                               \
-        const int64_t tiles = (N + TILE_R - 1) / TILE_R;                                                          \
         _Pragma("omp parallel for schedule(static) num_threads(threads)")                                         \
-        for (int64_t t = 0; t < tiles; ++t) {                                                                     \
-            const int64_t n0 = t * TILE_R;                                                                        \
+        for (int64_t t = 0; t < tile_end[count - 1]; ++t) {                                                       \
+            int i = 0;                                                                                            \
+            while (t >= tile_end[i]) ++i;                                                                         \
+            const QgemvWeight *w = weights + i;                                                                   \
+            const uint8_t *qw = w->qweight, *zeros = w->zeros;                                                    \
+            const uint16_t *scales = w->scales;                                                                   \
+            const int64_t row_bytes = w->row_bytes, N = w->N;                                                     \
+            const float zero_const = w->zero_const;                                                               \
+            const void *bias = w->bias;                                                                           \
+            const int bias_dtype = w->bias_dtype;                                                                 \
+            void *y = w->y;                                                                                       \
+            const int64_t n0 = (t - (i ? tile_end[i - 1] : 0)) * TILE_R;                                          \
             const int R = (int)(N - n0 < TILE_R ? N - n0 : TILE_R);                                               \
             if (xhi) { /* integer dot products, rows of x two at a time (the tile's codes stay in L1) */          \
                 INT_TILE(BITS)                                                                                    \
@@ -586,31 +634,29 @@ DEFINE_QGEMV(8)
 DEFINE_QGEMV(4)
 DEFINE_QGEMV(2)
 
-/* Returns QGEMV_OK or an error code. x, bias and y: fp32/bf16/fp16 by their dtype codes; scales fp16, zeros uint8;
- * zeros NULL means every group's zero point is zero_const. K and group_size must be multiples of 16, group_size
- * must divide K, and row_bytes must cover K rounded up to whole 16-byte blocks. */
-int ernie45_qgemv(const void *x, int x_dtype, const uint8_t *qweight, int bits, int64_t row_bytes,
-                  const uint16_t *scales, const uint8_t *zeros, float zero_const, int64_t group_size,
-                  const void *bias, int bias_dtype, void *y, int y_dtype, int64_t M, int64_t N, int64_t K,
-                  int threads) {
-    if (x_dtype < 0 || x_dtype > 2 || y_dtype < 0 || y_dtype > 2 || (bias && (bias_dtype < 0 || bias_dtype > 2)))
-        return QGEMV_BAD_DTYPE;
+/* y_i = x @ dequant(W_i)^T (+ bias_i) for `count` weights sharing x (same bits and group size), in one parallel
+ * region: one call for q/k/v or gate/up instead of three or two, each of which costs a thread wake-up and x's
+ * preparation. Returns QGEMV_OK or an error code. x, biases and ys: fp32/bf16/fp16 by their dtype codes; scales
+ * fp16, zeros uint8; K and group_size must be multiples of 16, group_size must divide K, and row_bytes must cover
+ * K rounded up to whole 16-byte blocks. */
+int ernie45_qgemv_many(const void *x, int x_dtype, int bits, int64_t group_size, const QgemvWeight *weights,
+                       int count, int y_dtype, int64_t M, int64_t K, int threads) {
+    if (x_dtype < 0 || x_dtype > 2 || y_dtype < 0 || y_dtype > 2) return QGEMV_BAD_DTYPE;
     const int per = bits == 8 ? 1 : bits == 4 ? 2 : bits == 2 ? 4 : 0;
-    if (!per || M <= 0 || N <= 0 || K <= 0 || K % 16 || group_size <= 0 || group_size % 16 || K % group_size ||
-        row_bytes < (K + 16 * per - 1) / (16 * per) * 16)
+    if (!per || count < 1 || count > MAX_WEIGHTS || M <= 0 || K <= 0 || K % 16 || group_size <= 0 ||
+        group_size % 16 || K % group_size)
         return QGEMV_BAD_SHAPE;
-    if (threads < 1) threads = 1;
-    if (N * row_bytes < MIN_PARALLEL_BYTES) threads = 1;
-    const int64_t groups = K / group_size;
-    /* x widened to fp32 once, and per-group sums of x for the zero-point term. */
-    float *xf = malloc(sizeof(float) * (M * K + M * groups));
-    float *wbufs = M > 2 ? aligned_alloc(64, sizeof(float) * (TILE_R * K_CHUNK + 16 * TILE_R * MAX_M_ACC) * threads) : NULL;
-    if (!xf || (M > 2 && !wbufs)) {
-        free(xf);
-        free(wbufs);
-        return QGEMV_NO_MEMORY;
+    int64_t tile_end[MAX_WEIGHTS], total_bytes = 0;
+    for (int i = 0; i < count; ++i) {
+        const QgemvWeight *w = weights + i;
+        if (w->bias && (w->bias_dtype < 0 || w->bias_dtype > 2)) return QGEMV_BAD_DTYPE;
+        if (w->N <= 0 || w->row_bytes < (K + 16 * per - 1) / (16 * per) * 16) return QGEMV_BAD_SHAPE;
+        tile_end[i] = (i ? tile_end[i - 1] : 0) + (w->N + TILE_R - 1) / TILE_R;
+        total_bytes += w->N * w->row_bytes;
     }
-    float *xsum = xf + M * K;
+    if (threads < 1) threads = 1;
+    if (total_bytes < MIN_PARALLEL_BYTES) threads = 1;
+    const int64_t groups = K / group_size;
     /* The integer path: 4-bit and 2-bit codes, whole 64-weight units per group, int32 sums that cannot overflow,
      * at most 2 rows of x (with more, unpacking the codes once per pair of rows and the per-group scaling cost
      * more than the dequantize-then-FMA path: measured 0.6x of it at 16 rows, 2 bits). */
@@ -619,12 +665,17 @@ int ernie45_qgemv(const void *x, int x_dtype, const uint8_t *qweight, int bits, 
 #else
     const int use_int = 0;
 #endif
+    /* x widened to fp32 once, and per-group sums of x for the zero-point term (+ x as integers for use_int). */
+    float *xf = malloc(sizeof(float) * (M * K + M * groups));
+    float *wbufs = M > 2 ? aligned_alloc(64, sizeof(float) * (TILE_R * K_CHUNK + 16 * TILE_R * MAX_M_ACC) * threads) : NULL;
     int8_t *xq = use_int ? malloc(2 * M * K + sizeof(float) * M * groups) : NULL;
-    if (use_int && !xq) {
+    if (!xf || (M > 2 && !wbufs) || (use_int && !xq)) {
         free(xf);
         free(wbufs);
+        free(xq);
         return QGEMV_NO_MEMORY;
     }
+    float *xsum = xf + M * K;
     int8_t *xhi = xq, *xlo = use_int ? xq + M * K : NULL;
     float *xscale = use_int ? (float *)(xq + 2 * M * K) : NULL;
     for (int64_t m = 0; m < M; ++m)
@@ -637,18 +688,26 @@ int ernie45_qgemv(const void *x, int x_dtype, const uint8_t *qweight, int bits, 
             }
             xsum[m * groups + g] = s;
         }
-    if (use_int) quantize_x(xf, M, K, group_size, xhi, xlo, xscale);
+#ifdef INT_DOT
+    if (use_int) quantize_x(xf, M, K, group_size, bits, xhi, xlo, xscale);
+#endif
     if (bits == 8)
-        qgemv_8(xf, xsum, qweight, row_bytes, scales, zeros, zero_const, bias, bias_dtype, y, y_dtype, M, N, K,
-                group_size, threads, wbufs, xhi, xlo, xscale);
+        qgemv_8(xf, xsum, weights, tile_end, count, y_dtype, M, K, group_size, threads, wbufs, xhi, xlo, xscale);
     else if (bits == 4)
-        qgemv_4(xf, xsum, qweight, row_bytes, scales, zeros, zero_const, bias, bias_dtype, y, y_dtype, M, N, K,
-                group_size, threads, wbufs, xhi, xlo, xscale);
+        qgemv_4(xf, xsum, weights, tile_end, count, y_dtype, M, K, group_size, threads, wbufs, xhi, xlo, xscale);
     else
-        qgemv_2(xf, xsum, qweight, row_bytes, scales, zeros, zero_const, bias, bias_dtype, y, y_dtype, M, N, K,
-                group_size, threads, wbufs, xhi, xlo, xscale);
+        qgemv_2(xf, xsum, weights, tile_end, count, y_dtype, M, K, group_size, threads, wbufs, xhi, xlo, xscale);
     free(xf);
     free(wbufs);
     free(xq);
     return QGEMV_OK;
+}
+
+/* One weight: ernie45_qgemv_many with count 1. zeros NULL means every group's zero point is zero_const. */
+int ernie45_qgemv(const void *x, int x_dtype, const uint8_t *qweight, int bits, int64_t row_bytes,
+                  const uint16_t *scales, const uint8_t *zeros, float zero_const, int64_t group_size,
+                  const void *bias, int bias_dtype, void *y, int y_dtype, int64_t M, int64_t N, int64_t K,
+                  int threads) {
+    const QgemvWeight w = {qweight, row_bytes, scales, zeros, zero_const, bias, bias_dtype, y, N};
+    return ernie45_qgemv_many(x, x_dtype, bits, group_size, &w, 1, y_dtype, M, K, threads);
 }

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Ernie45Config
-from .layers import Linear, apply_rotary
+from .layers import Linear, apply_rotary, shared_input_projections
 
 
 class AttentionBackend(Protocol):
@@ -93,9 +93,10 @@ class Attention(nn.Module):
         attn_metadata: AttentionBackend,
     ) -> torch.Tensor:
         B, T, _ = x_BTH.shape
-        q = self.q_proj(x_BTH).view(B, T, self.num_heads, self.head_dim)
-        k = self.k_proj(x_BTH).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x_BTH).view(B, T, self.num_kv_heads, self.head_dim)
+        q, k, v = shared_input_projections(x_BTH, (self.q_proj, self.k_proj, self.v_proj))
+        q = q.view(B, T, self.num_heads, self.head_dim)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)
         cos, sin = rope
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         o = attn_metadata.attend(self.layer_idx, q, k, v, self.scale)

@@ -83,6 +83,24 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
+def shared_input_projections(x: torch.Tensor, modules: tuple[nn.Module, ...]) -> tuple[torch.Tensor, ...]:
+    """The outputs of linears that read the same x (q/k/v, gate/up).
+
+    Modules of one type that define `forward_group(x, modules)` may compute them together (the quantized decode
+    kernel does: one call instead of three) or return None to decline; modules with hooks are called one by one
+    so that their hooks run (calibration captures inputs that way).
+    """
+    kind = type(modules[0])
+    group = getattr(kind, "forward_group", None)
+    if group is not None and all(
+        type(m) is kind and not (m._forward_hooks or m._forward_pre_hooks) for m in modules
+    ):
+        outputs = group(x, modules)
+        if outputs is not None:
+            return outputs
+    return tuple(m(x) for m in modules)
+
+
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)): the dense MLP and the shared experts."""
 
@@ -93,7 +111,8 @@ class SwiGLU(nn.Module):
         self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = shared_input_projections(x, (self.gate_proj, self.up_proj))
+        return self.down_proj(F.silu(gate) * up)
 
 
 class RotaryEmbedding(nn.Module):

@@ -67,6 +67,10 @@ class QuantizedLinear(nn.Module):
             else _frozen(torch.zeros(*lead, out_features, groups, dtype=torch.uint8, device=device))
         )
         self.bias = _frozen(torch.zeros(out_features, dtype=bias_dtype, device=device)) if bias else None
+        self._kernel_calls: dict[int | None, tuple[int, qgemv_kernel.PreparedQgemv]] = {}
+        """expert (None: the whole weight) -> (qweight's data_ptr when prepared, the prepared kernel call)."""
+        self._group_calls: dict[int, tuple[tuple, qgemv_kernel.PreparedQgemvGroup]] = {}
+        """For `forward_group` led by this module: group size -> (the group's identity, the prepared call)."""
 
     @classmethod
     def from_packed(cls, packed: PackedWeight, spec: QuantSpec, bias: torch.Tensor | None = None) -> QuantizedLinear:
@@ -98,13 +102,58 @@ class QuantizedLinear(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.packed().dequantize(dtype)
 
+    def __getstate__(self) -> dict:
+        # Copies (deepcopy, pickle) prepare their own calls: these point at this module's tensors.
+        return {**super().__getstate__(), "_kernel_calls": {}, "_group_calls": {}}
+
+    def _kernel_call(self, expert: int | None) -> qgemv_kernel.PreparedQgemv:
+        """The prepared kernel call for the weight (or one expert's), rebuilt when the storage moved (`.to()`,
+        `_apply`); loading into the parameters in place keeps it valid."""
+        ptr = self.qweight.data_ptr()
+        cached = self._kernel_calls.get(expert)
+        if cached is None or cached[0] != ptr:
+            w = self.packed(expert)
+            call = qgemv_kernel.PreparedQgemv(
+                w.qweight, w.scales, w.zeros, w.bits, w.group_size, self.bias if expert is None else None
+            )
+            self._kernel_calls[expert] = cached = (ptr, call)
+        return cached[1]
+
+    def _matmul(self, x: torch.Tensor, expert: int | None) -> torch.Tensor:
+        bias = self.bias if expert is None else None
+        if self.use_kernel and qgemv_kernel.supports(x, self.qweight, bias):
+            return self._kernel_call(expert)(x)
+        return quantized_matmul(x, self.packed(expert), bias, use_kernel=False)
+
+    @staticmethod
+    def forward_group(x: torch.Tensor, modules: tuple[QuantizedLinear, ...]) -> tuple[torch.Tensor, ...] | None:
+        """Outputs of several quantized linears of the same x in one kernel call (`models.layers.
+        shared_input_projections`), or None when the kernel does not take them together (prefill rows, mixed
+        formats, the reference path forced): the caller then runs each module."""
+        first = modules[0]
+        if not all(
+            m.use_kernel and m.qweight.dim() == 2 and m.spec.bits == first.spec.bits
+            and m.group_size == first.group_size and m.in_features == first.in_features
+            and qgemv_kernel.supports(x, m.qweight, m.bias)
+            for m in modules
+        ):  # fmt: skip
+            return None
+        key = tuple((id(m), m.qweight.data_ptr()) for m in modules)
+        cached = first._group_calls.get(len(modules))
+        if cached is None or cached[0] != key:
+            call = qgemv_kernel.PreparedQgemvGroup(
+                [(m.qweight, m.scales, m.qzeros, m.bias) for m in modules], first.spec.bits, first.group_size
+            )
+            first._group_calls[len(modules)] = cached = (key, call)
+        return cached[1](x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.qweight.dim() != 2:
             raise RuntimeError("stacked expert weights: call forward_expert(e, x)")
-        return quantized_matmul(x, self.packed(), self.bias, self.use_kernel)
+        return self._matmul(x, None)
 
     def forward_expert(self, expert: int, x: torch.Tensor) -> torch.Tensor:
-        return quantized_matmul(x, self.packed(expert), None, self.use_kernel)
+        return self._matmul(x, expert)
 
     def extra_repr(self) -> str:
         experts = f", experts={self.qweight.shape[0]}" if self.qweight.dim() == 3 else ""

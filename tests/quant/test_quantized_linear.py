@@ -7,6 +7,7 @@ import torch
 
 from ernie45.kernels import qgemv
 from ernie45.models.config import Ernie45Config
+from ernie45.models.layers import shared_input_projections
 from ernie45.models.moe import Experts
 from ernie45.quant.packing import PackedWeight
 from ernie45.quant.quantize import stack
@@ -143,3 +144,44 @@ def test_quantized_experts_equal_dense_experts_with_dequantized_weights():
         w = torch.rand(tokens, 2)
         with torch.no_grad():
             torch.testing.assert_close(quantized(x, idx, w), dense(x, idx, w), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 100])
+def test_shared_input_projections_in_one_call_equal_separate_calls(rows):
+    """q/k/v-like linears (different widths, one with bias, symmetric and not) through one grouped kernel call."""
+    specs = [QuantSpec(4, 64, False), QuantSpec(4, 64, True), QuantSpec(4, 64, False)]
+    modules = tuple(build(spec, N=n, K=128, bias=b, seed=i)[0]
+                    for i, (spec, n, b) in enumerate(zip(specs, (48, 16, 16), (False, True, False))))
+    x = torch.randn(rows, 128)
+    with torch.no_grad():
+        grouped = shared_input_projections(x, modules)
+        separate = tuple(m(x) for m in modules)
+    assert len(grouped) == 3
+    for g, s in zip(grouped, separate):
+        assert torch.equal(g, s)
+    assert (len(modules[0]._group_calls) == 1) == (rows <= qgemv.MAX_ROWS)
+
+
+def test_shared_input_projections_call_hooked_modules_one_by_one():
+    modules = tuple(build(QuantSpec(4, 64, False), N=16, seed=i)[0] for i in range(2))
+    seen = []
+    modules[1].register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    with torch.no_grad():
+        shared_input_projections(torch.randn(1, 128), modules)
+    assert seen == [torch.Size([1, 16])] and not modules[0]._group_calls
+
+
+def test_mixed_formats_are_not_grouped():
+    modules = (build(QuantSpec(4, 64, False), N=16)[0], build(QuantSpec(2, 64, False), N=16)[0])
+    x = torch.randn(1, 128)
+    with torch.no_grad():
+        assert QuantizedLinear.forward_group(x, modules) is None
+        outputs = shared_input_projections(x, modules)
+    assert [o.shape for o in outputs] == [torch.Size([1, 16])] * 2
+
+
+def test_grouped_call_refuses_too_many_weights():
+    module = build(QuantSpec(4, 64, False), N=16)[0]
+    weights = [(module.qweight, module.scales, module.qzeros, None)] * (qgemv.MAX_WEIGHTS + 1)
+    with pytest.raises(ValueError, match="1..8 weights"):
+        qgemv.PreparedQgemvGroup(weights, 4, 64)
