@@ -152,6 +152,9 @@ def main() -> None:
     parser.add_argument("--variants", default="fp32,bf16,int8,int4,2-bit")
     parser.add_argument("--keep-lm-head", action="store_true", help="leave lm_head in the model dtype")
     args = parser.parse_args()
+    unknown = [name for name in args.variants.split(",") if name not in ("fp32", "bf16", *BITS)]
+    if unknown:
+        parser.error(f"unknown variant(s) {', '.join(unknown)}: choose from fp32, bf16, {', '.join(BITS)}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     base = build_empty_model(config_for(args), torch.float32)

@@ -459,21 +459,31 @@ INLINE void rows_int(const uint8_t *qw, int64_t row_bytes, const uint16_t *scale
  * 256 * hi + lo with hi in [-127, 127] and lo in [-128, 127], each 64 values in unit_codes' order. */
 static void quantize_x(const float *x, int64_t M, int64_t K, int64_t G, int BITS, int8_t *xhi, int8_t *xlo,
                        float *xscale) {
+    /* Vectorized 8 values at a time (INT_DOT implies AVX2): at ~130 calls per decode step, a scalar version of
+     * this preparation was ~3 us of each call. G is a multiple of 64, so runs of 8 stay within a unit quarter. */
     const int64_t groups = K / G;
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     for (int64_t m = 0; m < M; ++m)
         for (int64_t g = 0; g < groups; ++g) {
             const float *xg = x + m * K + g * G;
-            float amax = 0.0f;
-            for (int64_t k = 0; k < G; ++k) amax = xg[k] > amax ? xg[k] : -xg[k] > amax ? -xg[k] : amax;
+            __m256 amax8 = _mm256_setzero_ps();
+            for (int64_t k = 0; k < G; k += 8) amax8 = _mm256_max_ps(amax8, _mm256_and_ps(_mm256_loadu_ps(xg + k), abs_mask));
+            float lanes[8], amax = 0.0f;
+            _mm256_storeu_ps(lanes, amax8);
+            for (int l = 0; l < 8; ++l) amax = lanes[l] > amax ? lanes[l] : amax;
             const float sx = amax / 32512.0f, inv = amax > 0.0f ? 32512.0f / amax : 0.0f;
             xscale[m * groups + g] = sx;
-            for (int64_t k = 0; k < G; ++k) {
-                const float scaled = xg[k] * inv; /* rounded half away from zero (no libm needed) */
-                const int32_t v = (int32_t)(scaled + (scaled >= 0.0f ? 0.5f : -0.5f)); /* in [-32512, 32512] */
-                const int32_t h = (v + 128 + 32768) / 256 - 128;        /* floor((v + 128) / 256) */
+            const __m256 inv8 = _mm256_set1_ps(inv);
+            for (int64_t k = 0; k < G; k += 8) {
+                /* round to nearest (|v| <= 32512), then v = 256 * hi + lo with hi = floor((v + 128) / 256) */
+                const __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xg + k), inv8));
+                const __m256i h = _mm256_srai_epi32(_mm256_add_epi32(v, _mm256_set1_epi32(128)), 8);
+                const __m256i l = _mm256_sub_epi32(v, _mm256_slli_epi32(h, 8));
+                const __m128i h16 = _mm_packs_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+                const __m128i l16 = _mm_packs_epi32(_mm256_castsi256_si128(l), _mm256_extracti128_si256(l, 1));
                 const int64_t at = m * K + g * G + (k & ~63) + unit_slot(k & 63, BITS);
-                xhi[at] = (int8_t)h;
-                xlo[at] = (int8_t)(v - 256 * h);
+                _mm_storel_epi64((__m128i *)(xhi + at), _mm_packs_epi16(h16, h16));
+                _mm_storel_epi64((__m128i *)(xlo + at), _mm_packs_epi16(l16, l16));
             }
         }
 }
@@ -678,25 +688,25 @@ int ernie45_qgemv_many(const void *x, int x_dtype, int bits, int64_t group_size,
     float *xsum = xf + M * K;
     int8_t *xhi = xq, *xlo = use_int ? xq + M * K : NULL;
     float *xscale = use_int ? (float *)(xq + 2 * M * K) : NULL;
+    /* fp32 x is used in place; bf16/fp16 x is widened into xf. */
+    const float *x32 = x_dtype == DTYPE_F32 ? (const float *)x : xf;
+    if (x_dtype != DTYPE_F32)
+        for (int64_t i = 0; i < M * K; ++i) xf[i] = load_scalar(x, x_dtype, i);
     for (int64_t m = 0; m < M; ++m)
         for (int64_t g = 0; g < groups; ++g) {
-            float s = 0.0f;
-            for (int64_t k = g * group_size; k < (g + 1) * group_size; ++k) {
-                const float v = load_scalar(x, x_dtype, m * K + k);
-                xf[m * K + k] = v;
-                s += v;
-            }
-            xsum[m * groups + g] = s;
+            f32x16 acc = {0};
+            for (int64_t k = g * group_size; k < (g + 1) * group_size; k += 16) acc += *(const f32x16_u *)(x32 + m * K + k);
+            xsum[m * groups + g] = hsum(acc);
         }
 #ifdef INT_DOT
-    if (use_int) quantize_x(xf, M, K, group_size, bits, xhi, xlo, xscale);
+    if (use_int) quantize_x(x32, M, K, group_size, bits, xhi, xlo, xscale);
 #endif
     if (bits == 8)
-        qgemv_8(xf, xsum, weights, tile_end, count, y_dtype, M, K, group_size, threads, wbufs, xhi, xlo, xscale);
+        qgemv_8(x32, xsum, weights, tile_end, count, y_dtype, M, K, group_size, threads, wbufs, xhi, xlo, xscale);
     else if (bits == 4)
-        qgemv_4(xf, xsum, weights, tile_end, count, y_dtype, M, K, group_size, threads, wbufs, xhi, xlo, xscale);
+        qgemv_4(x32, xsum, weights, tile_end, count, y_dtype, M, K, group_size, threads, wbufs, xhi, xlo, xscale);
     else
-        qgemv_2(xf, xsum, weights, tile_end, count, y_dtype, M, K, group_size, threads, wbufs, xhi, xlo, xscale);
+        qgemv_2(x32, xsum, weights, tile_end, count, y_dtype, M, K, group_size, threads, wbufs, xhi, xlo, xscale);
     free(xf);
     free(wbufs);
     free(xq);

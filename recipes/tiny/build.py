@@ -3,7 +3,8 @@
     python -m recipes.tiny.build OUT_DIR [--debs DIR] [--threads N] [--install]
 
 Stages (each skipped when its output is already complete, so an interrupted build resumes):
-  data      fortunes + fortunes-zh (pinned .debs), synthetic tasks -> OUT/data/*.jsonl
+  data      fortunes + fortunes-zh (pinned .debs), synthetic tasks (facts, worked solutions, chats, pairs)
+            -> OUT/data/*.jsonl
   tokenizer SentencePiece BPE in ERNIE 4.5's layout -> OUT/tokenizer
   init      random ERNIE 4.5 MoE weights -> OUT/init
   pt        `ernie45 train configs/pt.yaml`  -> OUT/pt   (then evaluated)
@@ -171,11 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     stage_init(out, times)
     data = out / "data"
     train(out, "pt", "init", {
-        "train_dataset_path": f"{data / 'pt_text.jsonl'},{data / 'pt_facts.jsonl'}",
+        "train_dataset_path": f"{data / 'pt_text.jsonl'},{data / 'pt_facts.jsonl'},{data / 'pt_solutions.jsonl'}",
         "eval_dataset_path": str(data / "pt_eval.jsonl"),
     }, args.threads, times)
     results = {"pt": evaluated(out, "pt", False, times)}
-    train(out, "sft", "pt", {"train_dataset_path": str(data / "sft_train.jsonl")}, args.threads, times)
+    train(out, "sft", "pt", {"train_dataset_path": f"{data / 'sft_train.jsonl'},{data / 'pt_text.jsonl'}"},
+          args.threads, times)
     results["sft"] = evaluated(out, "sft", True, times)
     train(out, "dpo", "sft", {"train_dataset_path": str(data / "dpo_train.jsonl")}, args.threads, times)
     results["dpo"] = evaluated(out, "dpo", True, times)

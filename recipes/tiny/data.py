@@ -33,9 +33,11 @@ QUOTE_REQUESTS = {
 class DatasetSizes:
     """How many samples each stage's data holds."""
 
-    pt_statement_docs: int = 2500
+    pt_statement_docs: int = 6000
     """Pretraining documents of task facts ("347 + 85 = 432."), 8 facts each."""
-    sft_tasks: int = 16000
+    pt_worked_solutions: int = 20000
+    """Pretraining documents holding one worked solution each (question, step-by-step reasoning, answer)."""
+    sft_tasks: int = 30000
     """SFT task conversations; every other one in thinking mode (one epoch covers the SFT steps)."""
     sft_chat: int = 600
     """SFT general conversations (quotes on request, identity questions)."""
@@ -75,6 +77,12 @@ def fact_documents(problems: Sequence[Problem]) -> list[str]:
     return [" ".join(facts[i : i + 8]) if i % 16 else "\n".join(facts[i : i + 8]) for i in range(0, len(facts), 8)]
 
 
+def worked_solutions(problems: Sequence[Problem]) -> list[str]:
+    """Each problem as plain text: the question, the step-by-step reasoning, the answer (mid-training data: the
+    procedure is learned in pretraining, so SFT only has to teach the chat and thinking formats around it)."""
+    return [f"{p.question}\n{p.reasoning}\n{p.answer_text}" for p in problems]
+
+
 def sft_conversations(corpus: Corpus, problems: Sequence[Problem], chat_count: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     rows = [
@@ -111,6 +119,7 @@ class DataFiles:
 
     pt_text: Path
     pt_facts: Path
+    pt_solutions: Path
     pt_eval: Path
     sft_train: Path
     dpo_train: Path
@@ -120,13 +129,15 @@ class DataFiles:
 def write_datasets(out: Path, corpus: Corpus, sizes: DatasetSizes, seed: int) -> DataFiles:
     """Write every stage's jsonl under `out`; train problems for different stages come from different seeds."""
     pt_problems = generate(sizes.pt_statement_docs * 8, seed + 1, heldout=False)
+    solution_problems = generate(sizes.pt_worked_solutions, seed + 6, heldout=False)
     sft_problems = generate(sizes.sft_tasks, seed + 2, heldout=False)
     dpo_problems = generate(sizes.dpo_pairs, seed + 3, heldout=False)
     eval_problems = generate(sizes.eval_per_task * 3, seed + 4, heldout=True)
-    files = DataFiles(out / "pt_text.jsonl", out / "pt_facts.jsonl", out / "pt_eval.jsonl", out / "sft_train.jsonl",
-                      out / "dpo_train.jsonl", out / "eval_tasks.jsonl")
+    files = DataFiles(out / "pt_text.jsonl", out / "pt_facts.jsonl", out / "pt_solutions.jsonl", out / "pt_eval.jsonl",
+                      out / "sft_train.jsonl", out / "dpo_train.jsonl", out / "eval_tasks.jsonl")
     write_jsonl(files.pt_text, ({"text": t} for t in pretraining_texts(corpus, seed)))
     write_jsonl(files.pt_facts, ({"text": t} for t in fact_documents(pt_problems)))
+    write_jsonl(files.pt_solutions, ({"text": t} for t in worked_solutions(solution_problems)))
     write_jsonl(files.pt_eval, ({"text": t} for t in [*corpus.heldout_en, *corpus.heldout_zh]))
     write_jsonl(files.sft_train, sft_conversations(corpus, sft_problems, sizes.sft_chat, seed))
     write_jsonl(files.dpo_train, dpo_pairs(dpo_problems))
