@@ -15,10 +15,11 @@
  * So dot(w, x) = sum_g s_g * (dot(q_g, x_g) - z_g * sum(x_g)): the scale and zero are applied once per group.
  *
  * Two ways to form dot(q_g, x_g):
- * - integer (4-bit and 2-bit codes, group size a multiple of 64, AVX-512 VNNI or AVX2): x is rounded once per call
- *   to 16-bit integers per group, x_g ~ sx_g * (256 * hi + lo) with hi, lo int8 (|error| <= sx_g / 2 = max|x_g| /
- *   65024: far finer than bf16's 2^-9 relative), and the codes are multiplied by hi and lo with u8 x s8 integer dot
- *   products (vpdpbusd, or vpmaddubsw + vpmaddwd on AVX2), 64 or 32 products per instruction, exact in int32.
+ * - integer (4-bit and 2-bit codes, group size a multiple of 64 up to 4096, at most 2 rows of x; AVX-512 VNNI or
+ *   AVX2): x is rounded once per call to 16-bit integers per group, x_g ~ sx_g * (256 * hi + lo) with hi, lo
+ *   int8 (|error| <= sx_g / 2 = max|x_g| / 65024: far finer than bf16's 2^-9 relative), and the codes are
+ *   multiplied by hi and lo with u8 x s8 integer dot products (vpdpbusd, or vpmaddubsw + vpmaddwd on AVX2), 64 or
+ *   32 products per instruction, exact in int32.
  *   Widening every code to fp32 instead (the float way) made int4 decode bound by the conversions at ~9 GB/s.
  * - float (8-bit codes, other group sizes, other CPUs): codes widened to fp32 and multiplied with x in fp32.
  *
@@ -304,7 +305,8 @@ INLINE void unit_codes(const uint8_t *row, int64_t u, int BITS, ivec out[UNIT_VE
     if (BITS == 4) {
         /* Blocks A, B (weights 0-31, 32-63; low nibbles then high nibbles) -> [lo A, lo B, hi A, hi B]: weights
          * 0-15, 32-47, 16-31, 48-63, the order quantize_x writes x in (unit_slot). Faster when streaming than
-         * putting the codes in weight order with a lane shuffle and variable shifts (26 vs 22 GB/s). */
+         * putting the codes in weight order with a lane shuffle and variable shifts (26 vs 22 GB/s in a standalone
+         * streaming microbenchmark). */
         const __m256i q = _mm256_loadu_si256((const __m256i *)(row + u * 32));
         const __m256i lo = _mm256_and_si256(q, _mm256_set1_epi8(0x0f));
         const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), _mm256_set1_epi8(0x0f));
