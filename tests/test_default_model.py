@@ -16,7 +16,7 @@ MAX_BYTES = 30 * 10**6
 # recipes/tiny/RESULTS.md, shipped weights, chat with thinking off, greedy, on the 120 held-out problems of the
 # build (seed 1234 + 4): the accuracy reported, and the band this test allows (thread counts and batch shapes
 # change float rounding, which can flip a few greedy answers).
-REPORTED_THINKING_OFF_ACCURACY = 0.083
+REPORTED_THINKING_OFF_ACCURACY = 0.158
 TOLERANCE = 0.05
 
 def test_the_package_ships_the_model():
