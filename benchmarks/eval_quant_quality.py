@@ -5,8 +5,11 @@ Variants: int8 RTN; int4 RTN vs GPTQ (vs GPTQ + grid refit); 2-bit RTN vs GPTQ v
 the calibration data) vs GPTQ over HQQ grids vs GPTQ + least-squares grid refit (our 2-bit method); the
 mixed-2bit recipe; and, with --qat-steps, 2-bit QAT vs full-precision fine-tuning of the same steps.
 Prints a table (ppl, delta vs the full-precision model, bytes on disk of the quantized checkpoint) and one JSON line.
+With --tasks (the embedded default model's held-out problems, `eval_tasks.jsonl` of `python -m recipes.tiny.build`),
+every variant's saved checkpoint is also asked those problems through the engine (recipes/tiny/evaluate.py:
+completion, chat thinking off, chat thinking on; greedy) and its task accuracy reported.
 
-    python benchmarks/eval_quant_quality.py --model DIR --text heldout.txt --calib train.txt
+    python benchmarks/eval_quant_quality.py --model DIR --text heldout.txt --calib train.txt [--tasks eval_tasks.jsonl]
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import argparse
 import json
 import math
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +29,8 @@ import torch.nn.functional as F
 import ernie45
 from ernie45.quant import convert_qat, prepare_qat, quantize
 from ernie45.tokenizer import load_tokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root, for recipes.tiny (--tasks)
 
 VARIANTS = {
     "int8-rtn": {"bits": 8, "method": "rtn"},
@@ -98,14 +104,32 @@ def main() -> None:
     parser.add_argument("--group-size-2bit", type=int, default=64)
     parser.add_argument("--qat-steps", type=int, default=0, help="also fine-tune 2-bit QAT this many steps (0: skip)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tasks", type=Path, default=None,
+                        help="held-out problems (recipes/tiny eval_tasks.jsonl): also report task accuracy")
     args = parser.parse_args()
+    problems = None
+    if args.tasks:
+        from recipes.tiny.data import read_problems
+
+        problems = read_problems(args.tasks)
+
+    def task_accuracy(checkpoint: Path) -> dict:
+        """Accuracy in % per mode (completion, chat thinking off / on), or {} without --tasks."""
+        if problems is None:
+            return {}
+        from recipes.tiny.evaluate import evaluate
+
+        result = evaluate(checkpoint, problems, chat=True)
+        return {mode: 100 * result[mode]["accuracy"] for mode in ("completion", "chat_thinking_off", "chat_thinking_on")}
+
     torch.set_num_threads(args.threads)
     model_dir = Path(args.model)
     tokenizer = load_tokenizer(model_dir)
     windows = windows_of(tokenizer, Path(args.text).read_text(encoding="utf-8"), args.seq_len, args.max_eval_tokens)
     base = ernie45.load_model(model_dir)
     base_ppl = perplexity(base, windows)
-    rows = [{"variant": "full precision", "ppl": base_ppl, "delta_pct": 0.0, "disk_bytes": disk_bytes(model_dir)}]
+    rows = [{"variant": "full precision", "ppl": base_ppl, "delta_pct": 0.0, "disk_bytes": disk_bytes(model_dir),
+             **task_accuracy(model_dir)}]
     print(f"full precision: ppl {base_ppl:.3f} on {sum(len(w) - 1 for w in windows)} held-out tokens", flush=True)
     del base
 
@@ -129,6 +153,7 @@ def main() -> None:
                     "delta_pct": 100 * (ppl / base_ppl - 1),
                     "disk_bytes": disk_bytes(scratch / name),
                     "quantize_s": seconds,
+                    **task_accuracy(scratch / name),
                 }
             )
             print(f"{name}: ppl {ppl:.3f} ({rows[-1]['delta_pct']:+.2f}%) in {seconds:.0f} s", flush=True)
@@ -149,6 +174,7 @@ def main() -> None:
                         "ppl": ppl,
                         "delta_pct": 100 * (ppl / base_ppl - 1),
                         "disk_bytes": disk_bytes(scratch / name),
+                        **task_accuracy(scratch / name),
                     }
                 )
                 if qat:
@@ -158,9 +184,12 @@ def main() -> None:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
-    print(f"\n{'variant':22} {'ppl':>9} {'delta':>8} {'disk MB':>8}")
+    tasks = "  completion / think off / think on" if problems is not None else ""
+    print(f"\n{'variant':22} {'ppl':>9} {'delta':>8} {'disk MB':>8}{tasks}")
     for r in rows:
-        print(f"{r['variant']:22} {r['ppl']:9.3f} {r['delta_pct']:+7.2f}% {r['disk_bytes'] / 1e6:8.2f}")
+        accuracy = (f"  {r['completion']:6.1f}% / {r['chat_thinking_off']:6.1f}% / {r['chat_thinking_on']:6.1f}%"
+                    if problems is not None else "")
+        print(f"{r['variant']:22} {r['ppl']:9.3f} {r['delta_pct']:+7.2f}% {r['disk_bytes'] / 1e6:8.2f}{accuracy}")
     print(json.dumps({"bench": "quant_quality", "model": str(model_dir), "rows": rows}))
 
 
