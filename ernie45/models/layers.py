@@ -78,8 +78,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        # F.rms_norm without a weight is x * rsqrt(mean(x^2) + eps) in one call (bit-equal to the four ops it
+        # replaces in torch 2.13; 12 vs 22 us at decode, 37 calls a step at the 0.3B shape).
+        x32 = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps)
         return self.weight * x32.to(x.dtype)
 
 
@@ -125,12 +126,20 @@ class RotaryEmbedding(nn.Module):
         self.compression_ratio = compression_ratio
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [..., T] -> (cos, sin), each [..., T, D/2] fp32."""
+        """positions [..., T] -> the interleaved tables (`interleaved_tables`), each [..., T, D] fp32."""
         pos = positions.float()
         if self.compression_ratio != 1.0:
             pos = pos / self.compression_ratio
         freqs = pos[..., None] * self.inv_freq.float()
-        return freqs.cos(), freqs.sin()
+        return interleaved_tables(freqs.cos(), freqs.sin())
+
+
+def interleaved_tables(cos_TF: torch.Tensor, sin_TF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-frequency cos / sin [..., T, D/2] -> (cos, signed sin) [..., T, D] for `apply_rotary`: cos repeated per
+    pair, sin as (-sin, +sin) per pair. Built once per forward and shared by every layer, they make the rotation
+    x * cos + swap_pairs(x) * sin: five ops per call instead of ten (13 vs 28 us at decode, 36 calls a step at the
+    0.3B shape), with the same roundings (x0 c - x1 s and x1 c + x0 s, the negation being exact)."""
+    return cos_TF.repeat_interleave(2, dim=-1), torch.stack((-sin_TF, sin_TF), dim=-1).flatten(-2)
 
 
 class MRotaryEmbedding(RotaryEmbedding):
@@ -151,26 +160,25 @@ class MRotaryEmbedding(RotaryEmbedding):
         self.register_buffer("axis_of_slot", axis, persistent=False)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [3, ..., T] (t, h, w) or text-only [..., T] -> (cos, sin), each [..., T, D/2] fp32."""
+        """positions [3, ..., T] (t, h, w) or text-only [..., T] -> the interleaved tables, each [..., T, D] fp32."""
         if positions.dim() < 2 or positions.shape[0] != 3:
             positions = positions.unsqueeze(0).expand(3, *positions.shape)
         freqs_3TF = positions.float()[..., None] * self.inv_freq.float()
         index = self.axis_of_slot.view(1, *([1] * (freqs_3TF.dim() - 2)), -1).expand(1, *freqs_3TF.shape[1:])
         freqs = freqs_3TF.gather(0, index)[0]
-        return freqs.cos(), freqs.sin()
+        return interleaved_tables(freqs.cos(), freqs.sin())
 
 
 def apply_rotary(
     x_BTND: torch.Tensor, cos_BTF: torch.Tensor, sin_BTF: torch.Tensor, interleaved: bool = True
 ) -> torch.Tensor:
-    """Rotate pairs (x[2i], x[2i+1]) by the angle of frequency i (interleaved, the language models), or pairs
-    (x[i], x[i + D/2]) (half rotation, the vision tower); returns the input dtype."""
+    """Rotate pairs (x[2i], x[2i+1]) by the angle of frequency i (interleaved, the language models; cos / sin are
+    `interleaved_tables` [B, T, D]), or pairs (x[i], x[i + D/2]) (half rotation, the vision tower; per-frequency
+    cos / sin [B, T, D/2]); returns the input dtype."""
+    cos, sin = cos_BTF.unsqueeze(-2), sin_BTF.unsqueeze(-2)  # broadcast over heads
     if not interleaved:
         x1, x2 = x_BTND.float().chunk(2, dim=-1)
-        cos, sin = cos_BTF.unsqueeze(-2), sin_BTF.unsqueeze(-2)
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x_BTND.dtype)
-    x = x_BTND.float().unflatten(-1, (-1, 2))
-    x0, x1 = x[..., 0], x[..., 1]
-    cos, sin = cos_BTF.unsqueeze(-2), sin_BTF.unsqueeze(-2)  # broadcast over heads
-    out = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1)
-    return out.flatten(-2).to(x_BTND.dtype)
+    x = x_BTND.float()
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0) in each pair
+    return (x * cos + swapped * sin).to(x_BTND.dtype)
