@@ -67,8 +67,8 @@ class QuantizedLinear(nn.Module):
             else _frozen(torch.zeros(*lead, out_features, groups, dtype=torch.uint8, device=device))
         )
         self.bias = _frozen(torch.zeros(out_features, dtype=bias_dtype, device=device)) if bias else None
-        self._kernel_calls: dict[int | None, tuple[int, qgemv_kernel.PreparedQgemv]] = {}
-        """expert (None: the whole weight) -> (qweight's data_ptr when prepared, the prepared kernel call)."""
+        self._kernel_calls: dict[int | None, tuple[tuple[int, ...], qgemv_kernel.PreparedQgemv]] = {}
+        """expert (None: the whole weight) -> (`_storage_key()` when prepared, the prepared kernel call)."""
         self._group_calls: dict[int, tuple[tuple, qgemv_kernel.PreparedQgemvGroup]] = {}
         """For `forward_group` led by this module: group size -> (the group's identity, the prepared call)."""
 
@@ -106,10 +106,14 @@ class QuantizedLinear(nn.Module):
         # Copies (deepcopy, pickle) prepare their own calls: these point at this module's tensors.
         return {**super().__getstate__(), "_kernel_calls": {}, "_group_calls": {}}
 
+    def _storage_key(self) -> tuple[int, ...]:
+        """Where the packed tensors live: a prepared call is valid while this is unchanged."""
+        return tuple(0 if t is None else t.data_ptr() for t in (self.qweight, self.scales, self.qzeros, self.bias))
+
     def _kernel_call(self, expert: int | None) -> qgemv_kernel.PreparedQgemv:
-        """The prepared kernel call for the weight (or one expert's), rebuilt when the storage moved (`.to()`,
-        `_apply`); loading into the parameters in place keeps it valid."""
-        ptr = self.qweight.data_ptr()
+        """The prepared kernel call for the weight (or one expert's), rebuilt when a tensor was replaced or moved
+        (`.to()`, assignment); loading into the parameters in place keeps it valid."""
+        ptr = self._storage_key()
         cached = self._kernel_calls.get(expert)
         if cached is None or cached[0] != ptr:
             w = self.packed(expert)
@@ -138,7 +142,7 @@ class QuantizedLinear(nn.Module):
             for m in modules
         ):  # fmt: skip
             return None
-        key = tuple((id(m), m.qweight.data_ptr()) for m in modules)
+        key = tuple((id(m), m._storage_key()) for m in modules)
         cached = first._group_calls.get(len(modules))
         if cached is None or cached[0] != key:
             call = qgemv_kernel.PreparedQgemvGroup(

@@ -185,3 +185,18 @@ def test_grouped_call_refuses_too_many_weights():
     weights = [(module.qweight, module.scales, module.qzeros, None)] * (qgemv.MAX_WEIGHTS + 1)
     with pytest.raises(ValueError, match="1..8 weights"):
         qgemv.PreparedQgemvGroup(weights, 4, 64)
+
+
+def test_prepared_kernel_call_follows_replaced_tensors():
+    """Assigning new scales / zero points (not loading in place) must not leave the kernel reading the old ones."""
+    module, _ = build(QuantSpec(4, 64, False), N=16, seed=0)
+    other, _ = build(QuantSpec(4, 64, False), N=16, seed=1)
+    x = torch.randn(1, 128)
+    with torch.no_grad():
+        before = module(x)  # prepares the call on the first tensors
+        module.scales = other.scales
+        module.qzeros = other.qzeros
+        y = module(x)
+        w = module.dequantized_weight()
+    assert not torch.allclose(y, before)
+    assert_within_kernel_error(y, x @ w.T + module.bias, x, w, QuantSpec(4, 64, False), kernel=True)
