@@ -714,12 +714,3 @@ int ernie45_qgemv_many(const void *x, int x_dtype, int bits, int64_t group_size,
     free(xq);
     return QGEMV_OK;
 }
-
-/* One weight: ernie45_qgemv_many with count 1. zeros NULL means every group's zero point is zero_const. */
-int ernie45_qgemv(const void *x, int x_dtype, const uint8_t *qweight, int bits, int64_t row_bytes,
-                  const uint16_t *scales, const uint8_t *zeros, float zero_const, int64_t group_size,
-                  const void *bias, int bias_dtype, void *y, int y_dtype, int64_t M, int64_t N, int64_t K,
-                  int threads) {
-    const QgemvWeight w = {qweight, row_bytes, scales, zeros, zero_const, bias, bias_dtype, y, N};
-    return ernie45_qgemv_many(x, x_dtype, bits, group_size, &w, 1, y_dtype, M, K, threads);
-}

@@ -13,7 +13,6 @@ import functools
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -60,28 +59,18 @@ MAX_WEIGHTS = 8
 """Most weights one grouped call takes (MAX_WEIGHTS in qgemv.c)."""
 
 
-@dataclass(frozen=True)
-class _EntryPoints:
-    one: Callable[..., int]
-    many: Callable[..., int]
-
-
 @functools.cache
-def _library(flags: tuple[str, ...] = gemv_build.COMPILE_FLAGS) -> _EntryPoints | None:
-    """The kernel's entry points built with `flags` on first use; None (logged once) if disabled or the build
-    fails."""
+def _library(flags: tuple[str, ...] = gemv_build.COMPILE_FLAGS) -> Callable[..., int] | None:
+    """The kernel's entry point (`ernie45_qgemv_many`) built with `flags` on first use; None (logged once) if
+    disabled or the build fails."""
     if os.environ.get("ERNIE45_DISABLE_KERNELS") == "1":
         return None
     try:
         lib = ctypes.CDLL(str(gemv_build.build(flags=flags, source=SOURCE_PATH)))
-        ptr, i32, i64, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
-        one = ctypes.CFUNCTYPE(
-            i32, ptr, i32, ptr, i32, i64, ptr, ptr, f32, i64, ptr, i32, ptr, i32, i64, i64, i64, i32
-        )(("ernie45_qgemv", lib))
-        many = ctypes.CFUNCTYPE(
-            i32, ptr, i32, i32, i64, ctypes.POINTER(QgemvWeight), i32, i32, i64, i64, i32
-        )(("ernie45_qgemv_many", lib))
-        return _EntryPoints(one, many)
+        ptr, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+        return ctypes.CFUNCTYPE(i32, ptr, i32, i32, i64, ctypes.POINTER(QgemvWeight), i32, i32, i64, i64, i32)(
+            ("ernie45_qgemv_many", lib)
+        )
     except (RuntimeError, OSError, AttributeError) as e:
         logger.warning("ernie45 quantized gemv kernel unavailable, using the dequantize path: %s", e)
         return None
@@ -124,10 +113,10 @@ def qgemv(
     (`integer_path_error_bound`). `flags` picks the build (tests pass AVX2_FLAGS). Raises RuntimeError if the
     kernel is unavailable or rejects the shapes. The result carries no autograd history.
     """
-    return PreparedQgemv(qweight, scales, zeros, bits, group_size, bias, flags=flags)(x)
+    return PreparedQgemv([(qweight, scales, zeros, bias)], bits, group_size, flags=flags)(x)[0]
 
 
-def _entry_points(flags: tuple[str, ...]) -> _EntryPoints:
+def _entry_point(flags: tuple[str, ...]) -> Callable[..., int]:
     entry = _library(flags)
     if entry is None:
         raise RuntimeError("the quantized gemv kernel is unavailable (disabled or failed to build)")
@@ -146,51 +135,12 @@ def _check_weight(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tens
 
 
 class PreparedQgemv:
-    """`qgemv` for one weight, its arguments checked and converted once: a call then costs x's checks, y's
-    allocation and the C call. A decode step makes ~130 of these calls at the 0.3B shape, where the per-call
-    Python work of `qgemv` (about 10 us) was 10% of an int4 step. Holds references to the tensors it points at."""
-
-    def __init__(
-        self,
-        qweight: torch.Tensor,
-        scales: torch.Tensor,
-        zeros: torch.Tensor | None,
-        bits: int,
-        group_size: int,
-        bias: torch.Tensor | None = None,
-        *,
-        flags: tuple[str, ...] = gemv_build.COMPILE_FLAGS,
-    ):
-        self._fn = _entry_points(flags).one
-        _check_weight(qweight, scales, zeros, bias)
-        self._tensors = (qweight, scales, zeros, bias)
-        self.out_features = qweight.shape[0]
-        self.in_features = scales.shape[-1] * group_size
-        self._weight_args = (
-            qweight.data_ptr(), bits, qweight.shape[-1], scales.data_ptr(),
-            None if zeros is None else zeros.data_ptr(), float(1 << (bits - 1)), group_size,
-            None if bias is None else bias.data_ptr(), 0 if bias is None else _DTYPE_CODES[bias.dtype],
-        )  # fmt: skip
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        K = x.shape[-1]
-        x = x.contiguous()
-        y = torch.empty((*x.shape[:-1], self.out_features), dtype=x.dtype)
-        code = _DTYPE_CODES[x.dtype]
-        status = self._fn(
-            x.data_ptr(), code, *self._weight_args, y.data_ptr(), code, x.numel() // K, self.out_features, K,
-            torch.get_num_threads(),
-        )  # fmt: skip
-        if status != 0:
-            raise RuntimeError(f"qgemv kernel failed: {_ERRORS.get(status, status)}")
-        return y
-
-
-class PreparedQgemvGroup:
-    """Several weights that share their input (q/k/v, gate/up) with the same bits and group size, computed in one
-    kernel call (one parallel region, x prepared once): each call costs a thread wake-up and x's preparation,
-    ~20 us that at 133 calls per 0.3B decode step were a tenth of an int4 step. `weights` holds
-    (qweight, scales, zeros or None, bias or None) per weight; a call returns one output per weight."""
+    """`qgemv` for one weight or several that share their input (q/k/v, gate/up; same bits and group size), with
+    the arguments checked and converted once. A call then costs x's checks, the outputs' allocation and one C call
+    (one parallel region, x prepared once): per call, a thread wake-up and x's preparation cost ~20 us, which at
+    133 calls per 0.3B decode step were a tenth of an int4 step (61 calls grouped). `weights` holds
+    (qweight, scales, zeros or None, bias or None) per weight; a call returns one output per weight. Holds
+    references to the tensors it points at."""
 
     def __init__(
         self,
@@ -202,7 +152,7 @@ class PreparedQgemvGroup:
     ):
         if not 1 <= len(weights) <= MAX_WEIGHTS:
             raise ValueError(f"qgemv: a grouped call takes 1..{MAX_WEIGHTS} weights, got {len(weights)}")
-        self._fn = _entry_points(flags).many
+        self._fn = _entry_point(flags)
         for qweight, scales, zeros, bias in weights:
             _check_weight(qweight, scales, zeros, bias)
         self._tensors = tuple(weights)

@@ -69,7 +69,7 @@ class QuantizedLinear(nn.Module):
         self.bias = _frozen(torch.zeros(out_features, dtype=bias_dtype, device=device)) if bias else None
         self._kernel_calls: dict[int | None, tuple[tuple[int, ...], qgemv_kernel.PreparedQgemv]] = {}
         """expert (None: the whole weight) -> (`_storage_key()` when prepared, the prepared kernel call)."""
-        self._group_calls: dict[int, tuple[tuple, qgemv_kernel.PreparedQgemvGroup]] = {}
+        self._group_calls: dict[int, tuple[tuple, qgemv_kernel.PreparedQgemv]] = {}
         """For `forward_group` led by this module: group size -> (the group's identity, the prepared call)."""
 
     @classmethod
@@ -118,7 +118,7 @@ class QuantizedLinear(nn.Module):
         if cached is None or cached[0] != ptr:
             w = self.packed(expert)
             call = qgemv_kernel.PreparedQgemv(
-                w.qweight, w.scales, w.zeros, w.bits, w.group_size, self.bias if expert is None else None
+                [(w.qweight, w.scales, w.zeros, self.bias if expert is None else None)], w.bits, w.group_size
             )
             self._kernel_calls[expert] = cached = (ptr, call)
         return cached[1]
@@ -126,7 +126,7 @@ class QuantizedLinear(nn.Module):
     def _matmul(self, x: torch.Tensor, expert: int | None) -> torch.Tensor:
         bias = self.bias if expert is None else None
         if self.use_kernel and qgemv_kernel.supports(x, self.qweight, bias):
-            return self._kernel_call(expert)(x)
+            return self._kernel_call(expert)(x)[0]
         return quantized_matmul(x, self.packed(expert), bias, use_kernel=False)
 
     @staticmethod
@@ -145,7 +145,7 @@ class QuantizedLinear(nn.Module):
         key = tuple((id(m), m._storage_key()) for m in modules)
         cached = first._group_calls.get(len(modules))
         if cached is None or cached[0] != key:
-            call = qgemv_kernel.PreparedQgemvGroup(
+            call = qgemv_kernel.PreparedQgemv(
                 [(m.qweight, m.scales, m.qzeros, m.bias) for m in modules], first.spec.bits, first.group_size
             )
             first._group_calls[len(modules)] = cached = (key, call)

@@ -184,7 +184,7 @@ def test_grouped_call_refuses_too_many_weights():
     module = build(QuantSpec(4, 64, False), N=16)[0]
     weights = [(module.qweight, module.scales, module.qzeros, None)] * (qgemv.MAX_WEIGHTS + 1)
     with pytest.raises(ValueError, match="1..8 weights"):
-        qgemv.PreparedQgemvGroup(weights, 4, 64)
+        qgemv.PreparedQgemv(weights, 4, 64)
 
 
 def test_prepared_kernel_call_follows_replaced_tensors():
