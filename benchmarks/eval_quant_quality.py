@@ -120,7 +120,8 @@ def main() -> None:
         from recipes.tiny.evaluate import evaluate
 
         result = evaluate(checkpoint, problems, chat=True)
-        return {mode: 100 * result[mode]["accuracy"] for mode in ("completion", "chat_thinking_off", "chat_thinking_on")}
+        modes = ("completion", "chat_thinking_off", "chat_thinking_on")
+        return {mode: 100 * result[mode]["accuracy"] for mode in modes}
 
     torch.set_num_threads(args.threads)
     model_dir = Path(args.model)

@@ -337,12 +337,14 @@ INLINE void unit_codes(const uint8_t *row, int64_t u, int BITS, ivec out[UNIT_VE
 #pragma GCC unroll 2
         for (int h = 0; h < 2; ++h) {
             const __m256i b = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(row + u * 32 + h * 16)));
-            out[h] = _mm256_and_si256(_mm256_srlv_epi32(b, _mm256_set_epi32(4, 4, 4, 4, 0, 0, 0, 0)), _mm256_set1_epi8(0x0f));
+            const __m256i shifted = _mm256_srlv_epi32(b, _mm256_set_epi32(4, 4, 4, 4, 0, 0, 0, 0));
+            out[h] = _mm256_and_si256(shifted, _mm256_set1_epi8(0x0f));
         }
     } else {
         const __m256i b = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(row + u * 16)));
-        out[0] = _mm256_and_si256(_mm256_srlv_epi32(b, _mm256_set_epi32(2, 2, 2, 2, 0, 0, 0, 0)), _mm256_set1_epi8(0x03));
-        out[1] = _mm256_and_si256(_mm256_srlv_epi32(b, _mm256_set_epi32(6, 6, 6, 6, 4, 4, 4, 4)), _mm256_set1_epi8(0x03));
+        const __m256i mask = _mm256_set1_epi8(0x03);
+        out[0] = _mm256_and_si256(_mm256_srlv_epi32(b, _mm256_set_epi32(2, 2, 2, 2, 0, 0, 0, 0)), mask);
+        out[1] = _mm256_and_si256(_mm256_srlv_epi32(b, _mm256_set_epi32(6, 6, 6, 6, 4, 4, 4, 4)), mask);
     }
 }
 INLINE int64_t unit_slot(int64_t j, int BITS) { (void)BITS; return j; }
@@ -469,7 +471,8 @@ static void quantize_x(const float *x, int64_t M, int64_t K, int64_t G, int BITS
         for (int64_t g = 0; g < groups; ++g) {
             const float *xg = x + m * K + g * G;
             __m256 amax8 = _mm256_setzero_ps();
-            for (int64_t k = 0; k < G; k += 8) amax8 = _mm256_max_ps(amax8, _mm256_and_ps(_mm256_loadu_ps(xg + k), abs_mask));
+            for (int64_t k = 0; k < G; k += 8)
+                amax8 = _mm256_max_ps(amax8, _mm256_and_ps(_mm256_loadu_ps(xg + k), abs_mask));
             float lanes[8], amax = 0.0f;
             _mm256_storeu_ps(lanes, amax8);
             for (int l = 0; l < 8; ++l) amax = lanes[l] > amax ? lanes[l] : amax;
@@ -679,7 +682,8 @@ int ernie45_qgemv_many(const void *x, int x_dtype, int bits, int64_t group_size,
 #endif
     /* x widened to fp32 once, and per-group sums of x for the zero-point term (+ x as integers for use_int). */
     float *xf = malloc(sizeof(float) * (M * K + M * groups));
-    float *wbufs = M > 2 ? aligned_alloc(64, sizeof(float) * (TILE_R * K_CHUNK + 16 * TILE_R * MAX_M_ACC) * threads) : NULL;
+    const size_t wbuf_floats = (size_t)(TILE_R * K_CHUNK + 16 * TILE_R * MAX_M_ACC) * threads;
+    float *wbufs = M > 2 ? aligned_alloc(64, sizeof(float) * wbuf_floats) : NULL;
     int8_t *xq = use_int ? malloc(2 * M * K + sizeof(float) * M * groups) : NULL;
     if (!xf || (M > 2 && !wbufs) || (use_int && !xq)) {
         free(xf);
@@ -697,7 +701,8 @@ int ernie45_qgemv_many(const void *x, int x_dtype, int bits, int64_t group_size,
     for (int64_t m = 0; m < M; ++m)
         for (int64_t g = 0; g < groups; ++g) {
             f32x16 acc = {0};
-            for (int64_t k = g * group_size; k < (g + 1) * group_size; k += 16) acc += *(const f32x16_u *)(x32 + m * K + k);
+            for (int64_t k = g * group_size; k < (g + 1) * group_size; k += 16)
+                acc += *(const f32x16_u *)(x32 + m * K + k);
             xsum[m * groups + g] = hsum(acc);
         }
 #ifdef INT_DOT
