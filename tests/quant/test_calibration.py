@@ -2,35 +2,14 @@
 
 import torch
 
-from ernie45.models.config import Ernie45Config
-from ernie45.models.moe import Experts
 from ernie45.quant.calibration import EXPERT_PRIOR_TOKENS, ExpertStats, calibration_samples, read_calibration_texts
 
+from .tiny_experts import tiny_experts
 
-def experts() -> Experts:
-    config = Ernie45Config.from_dict(
-        {
-            "model_type": "ernie4_5_moe",
-            "vocab_size": 64,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "head_dim": 16,
-            "moe_num_experts": 4,
-            "moe_k": 2,
-            "moe_intermediate_size": 16,
-        }
-    )
-    module = Experts(config)
-    torch.nn.init.normal_(module.gate_up_proj, std=0.3)
-    torch.nn.init.normal_(module.down_proj, std=0.3)
-    return module
 
 
 def test_unrouted_expert_gets_the_pooled_full_rank_hessian():
-    module = experts()
+    module = tiny_experts()
     stats = ExpertStats(module)
     x = torch.randn(200, 32)
     idx = torch.randint(0, 2, (200, 2))  # experts 2 and 3 never chosen
@@ -51,7 +30,7 @@ def test_unrouted_expert_gets_the_pooled_full_rank_hessian():
 
 
 def test_down_projection_statistics_run_every_token_through_every_expert():
-    module = experts()
+    module = tiny_experts()
     stats = ExpertStats(module)
     x = torch.randn(50, 32)
     stats.add(x, torch.zeros(50, 2, dtype=torch.long))  # all tokens to expert 0

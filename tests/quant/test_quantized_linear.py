@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from ernie45.kernels import qgemv
-from ernie45.models.config import Ernie45Config
 from ernie45.models.layers import shared_input_projections
-from ernie45.models.moe import Experts
 from ernie45.quant.packing import PackedWeight
 from ernie45.quant.quantize import stack
 from ernie45.quant.quantized_linear import QuantizedExperts, QuantizedLinear
 from ernie45.quant.rtn import rtn_quantize
 from ernie45.quant.spec import QuantSpec
+
+from .tiny_experts import tiny_experts
 
 SPECS = [
     QuantSpec(8, -1, True),
@@ -113,24 +113,7 @@ def test_prefill_rows_use_reference_path_and_grad_flows_to_input():
 
 
 def test_quantized_experts_equal_dense_experts_with_dequantized_weights():
-    config = Ernie45Config.from_dict(
-        {
-            "model_type": "ernie4_5_moe",
-            "vocab_size": 64,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "head_dim": 16,
-            "moe_num_experts": 4,
-            "moe_k": 2,
-            "moe_intermediate_size": 16,
-        }
-    )
-    dense = Experts(config)
-    torch.nn.init.normal_(dense.gate_up_proj, std=0.3)
-    torch.nn.init.normal_(dense.down_proj, std=0.3)
+    dense = tiny_experts()
     spec = QuantSpec(4, 16)
     gate_up: PackedWeight = stack([rtn_quantize(dense.gate_up_proj[e].detach(), spec) for e in range(4)])
     down: PackedWeight = stack([rtn_quantize(dense.down_proj[e].detach(), spec) for e in range(4)])
