@@ -7,7 +7,6 @@ from ernie45.quant.calibration import EXPERT_PRIOR_TOKENS, ExpertStats, calibrat
 from .tiny_experts import tiny_experts
 
 
-
 def test_unrouted_expert_gets_the_pooled_full_rank_hessian():
     module = tiny_experts()
     stats = ExpertStats(module)
