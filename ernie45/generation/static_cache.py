@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..kernels import decode_ops
 from ..models.config import Ernie45Config
 
 
@@ -36,6 +37,13 @@ class StaticKVCache:
         if end > self.max_len:
             raise ValueError(f"KV cache full: {end} tokens needed, the cache holds {self.max_len}")
         self._pending = T
+        if T == 1:  # decode: the cache write and the attention in one C call where it applies
+            o = decode_ops.decode_attention(
+                q_BTND.view(B, N, D), k_BTKD.view(B, -1, D), v_BTKD.view(B, -1, D),
+                self.k_LBKSD[layer_idx], self.v_LBKSD[layer_idx], start, scale,
+            )  # fmt: skip
+            if o is not None:
+                return o.view(B, 1, N, D)
         self.k_LBKSD[layer_idx, :, :, start:end] = k_BTKD.transpose(1, 2)
         self.v_LBKSD[layer_idx, :, :, start:end] = v_BTKD.transpose(1, 2)
         k = self.k_LBKSD[layer_idx, :, :, :end]

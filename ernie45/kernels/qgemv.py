@@ -83,14 +83,20 @@ def available() -> bool:
 
 def supports(x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
     """Whether `qgemv` takes these: kernel available, CPU, x fp32/bf16/fp16 with 1..MAX_ROWS rows, no autograd."""
-    if not (x.is_cpu and qweight.is_cpu and x.dtype in _DTYPE_CODES and x.dim() >= 1 and x.shape[-1] > 0):
+    return takes_weight(qweight, bias) and takes_input(x)
+
+
+def takes_weight(qweight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """The weight half of `supports` (checked once when a call is prepared)."""
+    return qweight.is_cpu and (bias is None or (bias.is_cpu and bias.dtype in _DTYPE_CODES)) and available()
+
+
+def takes_input(x: torch.Tensor) -> bool:
+    """The input half of `supports` (checked on every call): CPU, fp32/bf16/fp16, 1..MAX_ROWS rows, no autograd."""
+    if not (x.is_cpu and x.dtype in _DTYPE_CODES and x.dim() >= 1) or (torch.is_grad_enabled() and x.requires_grad):
         return False
-    if bias is not None and bias.dtype not in _DTYPE_CODES:
-        return False
-    if torch.is_grad_enabled() and x.requires_grad:
-        return False
-    rows = x.numel() // x.shape[-1]
-    return 1 <= rows <= MAX_ROWS and available()
+    K = x.shape[-1]
+    return K > 0 and 1 <= x.numel() // K <= MAX_ROWS and available()
 
 
 def qgemv(

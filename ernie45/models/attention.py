@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Ernie45Config
+from ..kernels import decode_ops
 from .layers import Linear, apply_rotary, shared_input_projections
 
 
@@ -98,6 +99,7 @@ class Attention(nn.Module):
         k = k.view(B, T, self.num_kv_heads, self.head_dim)
         v = v.view(B, T, self.num_kv_heads, self.head_dim)
         cos, sin = rope
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if not decode_ops.rotary_(q, k, cos, sin):  # in place, one C call where it applies (no autograd, CPU)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         o = attn_metadata.attend(self.layer_idx, q, k, v, self.scale)
         return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim))

@@ -43,8 +43,8 @@ class DecoderLayer(nn.Module):
         router_logits: list[torch.Tensor] | None = None,
         moe_token_types: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        h = x_BTH + self.self_attn(self.input_layernorm(x_BTH), rope, attn_metadata)
-        normed = self.post_attention_layernorm(h)
+        attn_BTH = self.self_attn(self.input_layernorm(x_BTH), rope, attn_metadata)
+        h, normed = self.post_attention_layernorm.add_and_norm(x_BTH, attn_BTH)
         if isinstance(self.mlp, ModalityMoeBlock):
             return h + self.mlp(normed, moe_token_types, router_logits)
         if isinstance(self.mlp, MoeBlock):

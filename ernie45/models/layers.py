@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import decode_ops
 from ..kernels import gemv as gemv_kernel
 
 # Below this many rows a half-precision matmul is a memory-bound GEMV, where half-precision storage wins (half the
@@ -78,10 +79,21 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = decode_ops.rms_norm(x, self.weight, self.eps)  # one C call where it applies (no autograd, CPU)
+        if fused is not None:
+            return fused[1]
         # F.rms_norm without a weight is x * rsqrt(mean(x^2) + eps) in one call (bit-equal to the four ops it
-        # replaces in torch 2.13; 12 vs 22 us at decode, 37 calls a step at the 0.3B shape).
+        # replaces in torch 2.13).
         x32 = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps)
         return self.weight * x32.to(x.dtype)
+
+    def add_and_norm(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, self(x + delta)): the residual add before a norm, fused into one call where it applies."""
+        fused = decode_ops.rms_norm(x, self.weight, self.eps, residual=delta)
+        if fused is not None:
+            return fused
+        total = x + delta
+        return total, self(total)
 
 
 def shared_input_projections(x: torch.Tensor, modules: tuple[nn.Module, ...]) -> tuple[torch.Tensor, ...]:
@@ -113,7 +125,13 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = shared_input_projections(x, (self.gate_proj, self.up_proj))
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_mul(gate, up))
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """F.silu(gate) * up: SwiGLU's activation, one C call where it applies (no autograd, CPU)."""
+    fused = decode_ops.silu_mul(gate, up)
+    return fused if fused is not None else F.silu(gate) * up
 
 
 class RotaryEmbedding(nn.Module):

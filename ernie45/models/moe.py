@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Ernie45Config
-from .layers import SwiGLU, linear
+from .layers import SwiGLU, linear, silu_mul
 
 
 class MoeStatics(nn.Module):
@@ -63,7 +63,7 @@ class Experts(nn.Module):
     def expert_forward(self, e: int, x_MH: torch.Tensor, weights: tuple | None = None) -> torch.Tensor:
         gate_up, down = weights if weights is not None else (self.gate_up_proj, self.down_proj)
         gate_MI, up_MI = linear(x_MH, gate_up[e]).chunk(2, dim=-1)
-        return linear(F.silu(gate_MI) * up_MI, down[e])
+        return linear(silu_mul(gate_MI, up_MI), down[e])
 
     def unbound_weights(self) -> tuple | None:
         """Per-expert weight views for training, or None (inference indexes the stacked weights directly).

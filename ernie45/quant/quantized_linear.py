@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import qgemv as qgemv_kernel
-from ..models.layers import linear
+from ..models.layers import linear, silu_mul
 from ..models.moe import Experts
 from .packing import PackedWeight, dequantize, row_bytes
 from .spec import QuantSpec
@@ -27,6 +27,9 @@ def quantized_matmul(
     weight = dequantize(w.qweight, w.scales, w.zeros, w.bits, w.group_size, w.in_features, dtype=x.dtype)
     # `linear` keeps the CPU dtype policy (half-precision prefill upcast); off the CPU it is F.linear.
     return linear(x, weight, bias) if x.is_cpu else F.linear(x, weight, bias)
+
+
+_PACKED_TENSORS = frozenset(("qweight", "scales", "qzeros", "bias"))
 
 
 def _frozen(t: torch.Tensor) -> nn.Parameter:
@@ -67,10 +70,26 @@ class QuantizedLinear(nn.Module):
             else _frozen(torch.zeros(*lead, out_features, groups, dtype=torch.uint8, device=device))
         )
         self.bias = _frozen(torch.zeros(out_features, dtype=bias_dtype, device=device)) if bias else None
-        self._kernel_calls: dict[int | None, tuple[tuple[int, ...], qgemv_kernel.PreparedQgemv]] = {}
-        """expert (None: the whole weight) -> (`_storage_key()` when prepared, the prepared kernel call)."""
+        self._kernel_calls: dict[int | None, tuple[int, qgemv_kernel.PreparedQgemv]] = {}
+        """expert (None: the whole weight) -> (`_version` when prepared, the prepared kernel call)."""
         self._group_calls: dict[int, tuple[tuple, qgemv_kernel.PreparedQgemv]] = {}
         """For `forward_group` led by this module: group size -> (the group's identity, the prepared call)."""
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        if name in _PACKED_TENSORS:
+            self._tensors_replaced()
+
+    def _apply(self, fn, recurse: bool = True):
+        result = super()._apply(fn, recurse)  # .to(), .float(), ...: new tensors, or old ones swapped in place
+        self._tensors_replaced()
+        return result
+
+    def _tensors_replaced(self) -> None:
+        """Prepared kernel calls point at the packed tensors: a new `_version` makes every call that includes this
+        module prepare again. Assignment and `_apply` come here; loading in place (`copy_`) keeps the pointers
+        valid; swapping storage behind the module's back (`param.data = ...`) is not tracked."""
+        self.__dict__["_version"] = self.__dict__.get("_version", 0) + 1
 
     @classmethod
     def from_packed(cls, packed: PackedWeight, spec: QuantSpec, bias: torch.Tensor | None = None) -> QuantizedLinear:
@@ -106,45 +125,44 @@ class QuantizedLinear(nn.Module):
         # Copies (deepcopy, pickle) prepare their own calls: these point at this module's tensors.
         return {**super().__getstate__(), "_kernel_calls": {}, "_group_calls": {}}
 
-    def _storage_key(self) -> tuple[int, ...]:
-        """Where the packed tensors live: a prepared call is valid while this is unchanged."""
-        return tuple(0 if t is None else t.data_ptr() for t in (self.qweight, self.scales, self.qzeros, self.bias))
-
-    def _kernel_call(self, expert: int | None) -> qgemv_kernel.PreparedQgemv:
-        """The prepared kernel call for the weight (or one expert's), rebuilt when a tensor was replaced or moved
-        (`.to()`, assignment); loading into the parameters in place keeps it valid."""
-        ptr = self._storage_key()
+    def _kernel_call(self, expert: int | None) -> qgemv_kernel.PreparedQgemv | None:
+        """The prepared kernel call for the weight (or one expert's), rebuilt after `_tensors_replaced`; None when
+        the kernel does not take these tensors (not on the CPU, unsupported bias dtype)."""
+        version = self._version
         cached = self._kernel_calls.get(expert)
-        if cached is None or cached[0] != ptr:
+        if cached is None or cached[0] != version:
             w = self.packed(expert)
-            call = qgemv_kernel.PreparedQgemv(
-                [(w.qweight, w.scales, w.zeros, self.bias if expert is None else None)], w.bits, w.group_size
-            )
-            self._kernel_calls[expert] = cached = (ptr, call)
+            bias = self.bias if expert is None else None
+            if not qgemv_kernel.takes_weight(w.qweight, bias):
+                return None
+            call = qgemv_kernel.PreparedQgemv([(w.qweight, w.scales, w.zeros, bias)], w.bits, w.group_size)
+            self._kernel_calls[expert] = cached = (version, call)
         return cached[1]
 
     def _matmul(self, x: torch.Tensor, expert: int | None) -> torch.Tensor:
-        bias = self.bias if expert is None else None
-        if self.use_kernel and qgemv_kernel.supports(x, self.qweight, bias):
-            return self._kernel_call(expert)(x)[0]
-        return quantized_matmul(x, self.packed(expert), bias, use_kernel=False)
+        # Per-call cost matters here (~60 calls per decode step): cheap checks on x, the weight's once per prepare.
+        if self.use_kernel and qgemv_kernel.takes_input(x) and (call := self._kernel_call(expert)) is not None:
+            return call(x)[0]
+        return quantized_matmul(x, self.packed(expert), self.bias if expert is None else None, use_kernel=False)
 
     @staticmethod
     def forward_group(x: torch.Tensor, modules: tuple[QuantizedLinear, ...]) -> tuple[torch.Tensor, ...] | None:
         """Outputs of several quantized linears of the same x in one kernel call (`models.layers.
         shared_input_projections`), or None when the kernel does not take them together (prefill rows, mixed
         formats, the reference path forced): the caller then runs each module."""
-        first = modules[0]
-        if not all(
-            m.use_kernel and m.qweight.dim() == 2 and m.spec.bits == first.spec.bits
-            and m.group_size == first.group_size and m.in_features == first.in_features
-            and qgemv_kernel.supports(x, m.qweight, m.bias)
-            for m in modules
-        ):  # fmt: skip
+        if not qgemv_kernel.takes_input(x):
             return None
-        key = tuple((id(m), m._storage_key()) for m in modules)
+        first = modules[0]
+        key = tuple([(id(m), m._version, m.use_kernel) for m in modules])
         cached = first._group_calls.get(len(modules))
         if cached is None or cached[0] != key:
+            if not all(
+                m.use_kernel and m.qweight.dim() == 2 and m.spec.bits == first.spec.bits
+                and m.group_size == first.group_size and m.in_features == first.in_features
+                and qgemv_kernel.takes_weight(m.qweight, m.bias)
+                for m in modules
+            ):  # fmt: skip
+                return None
             call = qgemv_kernel.PreparedQgemv(
                 [(m.qweight, m.scales, m.qzeros, m.bias) for m in modules], first.spec.bits, first.group_size
             )
@@ -184,7 +202,7 @@ class QuantizedExperts(Experts):
 
     def expert_forward(self, e: int, x_MH: torch.Tensor, weights: tuple | None = None) -> torch.Tensor:
         gate_MI, up_MI = self.gate_up_proj.forward_expert(e, x_MH).chunk(2, dim=-1)
-        return self.down_proj.forward_expert(e, F.silu(gate_MI) * up_MI)
+        return self.down_proj.forward_expert(e, silu_mul(gate_MI, up_MI))
 
     def set_use_kernel(self, flag: bool) -> None:
         self.gate_up_proj.use_kernel = self.down_proj.use_kernel = flag

@@ -1,0 +1,269 @@
+/* The small operations of a decode step, for fp32 or bf16 tensors on the CPU: RMSNorm, the interleaved rotary
+ * embedding, SiLU(gate) * up, and single-token attention against a contiguous KV cache (which it also appends to).
+ *
+ * Why: at batch 1 a decoder layer runs ~50 torch ops besides its matmuls, each a few microseconds of dispatch for
+ * a few kilobytes of work; at the 0.3B shape they cost ~6 ms a token, as much as reading half the int4 weights.
+ * Each function here replaces one of those chains with one call. Numerics follow the torch ops they replace
+ * (fp32 arithmetic, the same intermediate roundings to bf16); built with -ffp-contract=off so the rotary embedding,
+ * elementwise, is bit-identical to torch's, while reductions (norm, attention) may differ in the last bits
+ * because their summation order differs. Legend: M rows, H hidden, B batch, N query heads, K kv heads,
+ * G = N / K, D head dim, S cache slots.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { DTYPE_F32 = 0, DTYPE_BF16 = 1 };
+enum { OPS_OK = 0, OPS_BAD_DTYPE = 1, OPS_BAD_SHAPE = 2, OPS_NO_MEMORY = 3 };
+
+/* Below this many elements of work a parallel region costs more than it saves. */
+#define MIN_PARALLEL_WORK (1 << 16)
+
+/* Elements per block of the SiLU loop (two fp32 blocks on the stack). */
+#define SILU_CHUNK 512
+
+#define INLINE static inline __attribute__((always_inline))
+
+INLINE float bf16_to_f32(uint16_t h) {
+    const uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+INLINE uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch; NaN stays NaN */
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+INLINE float load(const void *p, int dtype, int64_t i) {
+    return dtype == DTYPE_F32 ? ((const float *)p)[i] : bf16_to_f32(((const uint16_t *)p)[i]);
+}
+
+INLINE void store(void *p, int dtype, int64_t i, float v) {
+    if (dtype == DTYPE_F32)
+        ((float *)p)[i] = v;
+    else
+        ((uint16_t *)p)[i] = f32_to_bf16(v);
+}
+
+/* v rounded to `dtype` and read back: the rounding torch applies when an fp32 intermediate becomes a bf16 tensor. */
+INLINE float round_to(int dtype, float v) { return dtype == DTYPE_F32 ? v : bf16_to_f32(f32_to_bf16(v)); }
+
+#ifdef _OPENMP
+#include <omp.h>
+INLINE int thread_index(void) { return omp_get_thread_num(); }
+#else
+INLINE int thread_index(void) { return 0; }
+#endif
+
+static int valid_dtype(int dtype) { return dtype == DTYPE_F32 || dtype == DTYPE_BF16; }
+
+/* n elements of a fp32/bf16 tensor from offset i0, widened into dst (a loop the compiler vectorizes per dtype). */
+INLINE void load_row(const void *p, int dtype, int64_t i0, float *dst, int64_t n) {
+    if (dtype == DTYPE_F32) {
+        memcpy(dst, (const float *)p + i0, sizeof(float) * n);
+    } else {
+        const uint16_t *h = (const uint16_t *)p + i0;
+        for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(h[i]);
+    }
+}
+
+/* n floats narrowed into a fp32/bf16 tensor from offset i0. */
+INLINE void store_row(void *p, int dtype, int64_t i0, const float *src, int64_t n) {
+    if (dtype == DTYPE_F32) {
+        memcpy((float *)p + i0, src, sizeof(float) * n);
+    } else {
+        uint16_t *h = (uint16_t *)p + i0;
+        for (int64_t i = 0; i < n; ++i) h[i] = f32_to_bf16(src[i]);
+    }
+}
+
+typedef float f32x16 __attribute__((vector_size(64)));
+
+INLINE f32x16 load16(const float *p) {
+    f32x16 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+INLINE float hsum16(f32x16 v) {
+    float lanes[16];
+    memcpy(lanes, &v, sizeof lanes);
+    for (int w = 8; w; w /= 2)
+        for (int j = 0; j < w; ++j) lanes[j] += lanes[j + w];
+    return lanes[0];
+}
+
+/* sum_i a[i] * b[i] in 16 lanes (a vector per 16 elements, one horizontal sum at the end). */
+INLINE float dot(const float *a, const float *b, int64_t n) {
+    f32x16 acc = {0};
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) acc += load16(a + i) * load16(b + i);
+    float total = hsum16(acc);
+    for (; i < n; ++i) total += a[i] * b[i];
+    return total;
+}
+
+/* e^x in fp32 for the SiLU, in straight-line arithmetic the compiler vectorizes (libm's expf is a call per
+ * element: 3,072 of them were most of a decode step's activation): e^x = 2^n * e^r, r = x - n ln2 in
+ * [-ln2/2, ln2/2], e^r by its degree-6 Taylor polynomial (relative error < 2e-7, ~1 ulp); 0 below -87.3 and
+ * +inf above 88.7, as expf. */
+INLINE float exp_f32(float x) {
+    const float lo = -87.33654f, hi = 88.72283f;
+    const float cx = x < lo ? lo : (x > hi ? hi : x);
+    const float n = __builtin_rintf(cx * 1.44269504f);
+    const float r = (cx - n * 0.693145752f) - n * 1.42860677e-6f; /* ln2 split in two for an exact n * ln2_hi */
+    float p = 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    const float y = p * scale;
+    return x < lo ? 0.0f : (x > hi ? __builtin_inff() : y);
+}
+
+/* out[m] = weight * round(x[m] * rsqrt(mean(x[m]^2) + eps)) for M rows of H, as RMSNorm.forward: the normalized
+ * row is rounded to x's dtype before the weight multiplies it, and the product to out's dtype. If `residual` is
+ * given, x is first replaced by x + residual (rounded to x's dtype, written back into `sum_out`): the pre-norm
+ * residual add fused with the norm that follows it. */
+int ernie45_rms_norm(const void *x, const void *residual, void *sum_out, int x_dtype, const void *weight,
+                     int w_dtype, void *out, int out_dtype, int64_t M, int64_t H, float eps, int threads) {
+    if (!valid_dtype(x_dtype) || !valid_dtype(w_dtype) || !valid_dtype(out_dtype)) return OPS_BAD_DTYPE;
+    if (M <= 0 || H <= 0 || (residual && !sum_out)) return OPS_BAD_SHAPE;
+    if (M * H < MIN_PARALLEL_WORK) threads = 1;
+    float *buffers = malloc(sizeof(float) * 3 * (size_t)H * (size_t)threads);
+    if (!buffers) return OPS_NO_MEMORY;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t m = 0; m < M; ++m) {
+        float *row = buffers + 3 * H * (int64_t)thread_index(), *other = row + H, *w = other + H;
+        load_row(x, x_dtype, m * H, row, H);
+        if (residual) {
+            load_row(residual, x_dtype, m * H, other, H);
+            for (int64_t i = 0; i < H; ++i) row[i] = round_to(x_dtype, row[i] + other[i]);
+            for (int64_t i = 0; i < H; ++i) store(sum_out, x_dtype, m * H + i, row[i]);
+        }
+        const float inv = 1.0f / sqrtf(dot(row, row, H) / (float)H + eps);
+        load_row(weight, w_dtype, 0, w, H);
+        for (int64_t i = 0; i < H; ++i) store(out, out_dtype, m * H + i, w[i] * round_to(x_dtype, row[i] * inv));
+    }
+    free(buffers);
+    return OPS_OK;
+}
+
+/* In place on `rows` rows of `heads` x D (q: [tokens, N, D], k: [tokens, K, D]): pair (2i, 2i+1) rotated by
+ * x * cos + swap_pairs(x) * sin with the interleaved tables (cos repeated per pair, sin signed (-s, +s)), fp32
+ * [table_rows, D]; token t uses table row t % table_rows (a table shared by every row of the batch has T rows). */
+static void rotate(void *x, int dtype, int64_t tokens, int64_t heads, int64_t D, const float *cos, const float *sin,
+                   int64_t table_rows) {
+    for (int64_t t = 0; t < tokens; ++t) {
+        const float *c = cos + (t % table_rows) * D, *s = sin + (t % table_rows) * D;
+        for (int64_t h = 0; h < heads; ++h) {
+            const int64_t base = (t * heads + h) * D;
+            for (int64_t i = 0; i < D; i += 2) {
+                const float x0 = load(x, dtype, base + i), x1 = load(x, dtype, base + i + 1);
+                const float a = x0 * c[i], b = x1 * s[i];
+                const float e = x1 * c[i + 1], f = x0 * s[i + 1];
+                store(x, dtype, base + i, a + b);
+                store(x, dtype, base + i + 1, e + f);
+            }
+        }
+    }
+}
+
+int ernie45_rotary(void *q, void *k, int dtype, int64_t tokens, int64_t N, int64_t K, int64_t D, const float *cos,
+                   const float *sin, int64_t table_rows) {
+    if (!valid_dtype(dtype)) return OPS_BAD_DTYPE;
+    if (tokens <= 0 || D <= 0 || D % 2 || table_rows <= 0) return OPS_BAD_SHAPE;
+    rotate(q, dtype, tokens, N, D, cos, sin, table_rows);
+    rotate(k, dtype, tokens, K, D, cos, sin, table_rows);
+    return OPS_OK;
+}
+
+/* out = round(silu(gate)) * up over n elements: F.silu(gate) * up, with silu rounded to the dtype first. */
+int ernie45_silu_mul(const void *gate, const void *up, void *out, int dtype, int64_t n, int threads) {
+    if (!valid_dtype(dtype)) return OPS_BAD_DTYPE;
+    if (n <= 0) return OPS_BAD_SHAPE;
+    if (n < MIN_PARALLEL_WORK) threads = 1;
+    const int64_t chunks = (n + SILU_CHUNK - 1) / SILU_CHUNK;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t c = 0; c < chunks; ++c) {
+        /* in fp32 chunks on the stack, so that each loop is a plain vectorizable loop over floats */
+        float g[SILU_CHUNK], u[SILU_CHUNK];
+        const int64_t i0 = c * SILU_CHUNK, len = n - i0 < SILU_CHUNK ? n - i0 : SILU_CHUNK;
+        load_row(gate, dtype, i0, g, len);
+        load_row(up, dtype, i0, u, len);
+        for (int64_t i = 0; i < len; ++i) g[i] = g[i] / (1.0f + exp_f32(-g[i]));
+        if (dtype == DTYPE_BF16)
+            for (int64_t i = 0; i < len; ++i) g[i] = round_to(DTYPE_BF16, g[i]);
+        for (int64_t i = 0; i < len; ++i) g[i] *= u[i];
+        store_row(out, dtype, i0, g, len);
+    }
+    return OPS_OK;
+}
+
+/* One new token per sequence: k_new / v_new [B, K, D] are written into slot `pos` of the layer's cache
+ * [B, K, S, D], then each query head [B, N, D] attends slots 0..pos of its kv head (softmax in fp32, as the
+ * cache's torch path) into out [B, N, D]. All tensors in `dtype`; query heads n*G .. n*G+G-1 share kv head n. */
+int ernie45_decode_attention(const void *q, const void *k_new, const void *v_new, void *k_cache, void *v_cache,
+                             int dtype, int64_t B, int64_t N, int64_t K, int64_t D, int64_t S, int64_t pos,
+                             float scale, void *out, int threads) {
+    if (!valid_dtype(dtype)) return OPS_BAD_DTYPE;
+    if (B <= 0 || N <= 0 || K <= 0 || N % K || D <= 0 || pos < 0 || pos >= S) return OPS_BAD_SHAPE;
+    const size_t elem = dtype == DTYPE_F32 ? 4 : 2;
+    for (int64_t b = 0; b < B; ++b)
+        for (int64_t h = 0; h < K; ++h) {
+            const int64_t slot = ((b * K + h) * S + pos) * D, src = (b * K + h) * D;
+            memcpy((char *)k_cache + slot * elem, (const char *)k_new + src * elem, D * elem);
+            memcpy((char *)v_cache + slot * elem, (const char *)v_new + src * elem, D * elem);
+        }
+    const int64_t L = pos + 1, G = N / K;
+    /* per query head: L probabilities, D accumulators, q, and one row of K or V widened (bf16 caches) */
+    const int64_t scratch = L + 4 * D;
+    float *buffers = malloc(sizeof(float) * (size_t)(B * N) * (size_t)scratch);
+    if (!buffers) return OPS_NO_MEMORY;
+    if (B * N * L * D < MIN_PARALLEL_WORK) threads = 1;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t bn = 0; bn < B * N; ++bn) {
+        const int64_t b = bn / N, h = (bn % N) / G;
+        const int64_t kv0 = (b * K + h) * S * D;
+        float *p = buffers + bn * scratch, *acc = p + L, *qrow = acc + D, *kv = qrow + D;
+        load_row(q, dtype, bn * D, qrow, D);
+        float top = -INFINITY;
+        for (int64_t s = 0; s < L; ++s) {
+            const float *krow = kv;
+            if (dtype == DTYPE_F32)
+                krow = (const float *)k_cache + kv0 + s * D;
+            else
+                load_row(k_cache, dtype, kv0 + s * D, kv, D);
+            p[s] = dot(qrow, krow, D) * scale;
+            top = p[s] > top ? p[s] : top;
+        }
+        float total = 0.0f;
+        for (int64_t s = 0; s < L; ++s) {
+            p[s] = exp_f32(p[s] - top);
+            total += p[s];
+        }
+        for (int64_t d = 0; d < D; ++d) acc[d] = 0.0f;
+        for (int64_t s = 0; s < L; ++s) {
+            const float w = p[s] / total;
+            const float *vrow = kv;
+            if (dtype == DTYPE_F32)
+                vrow = (const float *)v_cache + kv0 + s * D;
+            else
+                load_row(v_cache, dtype, kv0 + s * D, kv, D);
+            for (int64_t d = 0; d < D; ++d) acc[d] += w * vrow[d];
+        }
+        for (int64_t d = 0; d < D; ++d) store(out, dtype, bn * D + d, acc[d]);
+    }
+    free(buffers);
+    return OPS_OK;
+}
