@@ -111,7 +111,7 @@ def test_silu_mul_equals_torch(dtype, n):
         out = decode_ops.silu_mul(gate, up)
     ref = F.silu(gate) * up
     # Our exp is within ~2 ulp of libm's: the fp32 result within a few ulp; bf16 results mostly equal.
-    tol = dict(rtol=1e-6, atol=1e-30) if dtype == torch.float32 else dict(rtol=2**-7, atol=0)
+    tol = {"rtol": 1e-6, "atol": 1e-30} if dtype == torch.float32 else {"rtol": 2**-7, "atol": 0}
     torch.testing.assert_close(out, ref, **tol)
 
 
@@ -138,7 +138,7 @@ def test_decode_attention_writes_the_cache_and_equals_torch(dtype, B, N, K, D, p
         out = decode_ops.decode_attention(q, k, v, k_cache, v_cache, pos, D**-0.5)
     assert torch.equal(k_cache, expect_k) and torch.equal(v_cache, expect_v)
     ref = reference_decode_attention(q, expect_k, expect_v, pos, D**-0.5)
-    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2**-7, atol=2**-8)
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2**-7, "atol": 2**-8}
     torch.testing.assert_close(out, ref, **tol)
 
 
@@ -173,5 +173,5 @@ def test_model_decode_with_the_ops_equals_the_torch_path(dtype, monkeypatch):
     with_ops = decode_logits()
     monkeypatch.setattr(decode_ops, "_library", lambda: None)
     torch_path = decode_logits()
-    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=0.05, atol=0.05)
+    tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 0.05, "atol": 0.05}
     torch.testing.assert_close(with_ops, torch_path, **tol)
