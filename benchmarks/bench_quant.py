@@ -9,6 +9,9 @@ alone would cap int4 at ~2.6x); --keep-lm-head leaves it as checkpoints do by de
 Reports tokens/s, speed-up over fp32, weight bytes read per decode step and the achieved GB/s, resident bytes of
 all parameters, and the quantized linears' bytes against bits * params / 8 + fp16 scales ("vs ideal"; the excess
 is the uint8 zero points of asymmetric formats: 0.8% at int4 g128, 5.6% at 2-bit g64).
+"x fp32" divides the variant's median tokens/s over all rounds by fp32's; "x/round" is the median over rounds of
+the same ratio taken within each round (both sides measured seconds apart, so drifting memory bandwidth, which
+moves fp32 by +-15% between runs on a shared VM, cancels out).
 Targets (issue 6): int8 >= 2.5x and int4 >= 4x fp32 at batch 1; weight memory within 10% of the ideal.
 Run on an idle machine: timings taken while other work runs are meaningless.
 
@@ -163,10 +166,15 @@ def main() -> None:
 
     models = build_variants(base, args.variants.split(","), args.keep_lm_head)
     step_times = {(name, b): [] for name in models for b in batches}
+    # Per round, each variant's median step time: a variant's ratio to fp32 within one round compares steps taken
+    # seconds apart, which the VM's drifting memory bandwidth (fp32 moved +-15% between runs) cannot skew.
+    round_medians = {(name, b): [] for name in models for b in batches}
     for round_index in range(args.rounds):
         for name, model in models.items():
             for batch in batches:
-                step_times[name, batch] += decode_step_seconds(model, batch, args.steps)
+                times = decode_step_seconds(model, batch, args.steps)
+                step_times[name, batch] += times
+                round_medians[name, batch].append(statistics.median(times))
         print(f"  round {round_index + 1}/{args.rounds} done", flush=True)
     rows = []
     for name, model in models.items():
@@ -185,9 +193,14 @@ def main() -> None:
         rows.append(row)
 
     fp32 = next((r for r in rows if r["variant"] == "fp32"), None)
+    if fp32:
+        for r in rows:
+            for b in batches:
+                per_round = [f / v for f, v in zip(round_medians["fp32", b], round_medians[r["variant"], b])]
+                r[f"x_fp32_per_round_b{b}"] = statistics.median(per_round)
     header = f"{'variant':8} {'resident MB':>11} {'read/step MB':>12} {'vs ideal':>8}"
     for b in batches:
-        header += f" {'tok/s b' + str(b):>11} {'x fp32':>7} {'GB/s':>6}"
+        header += f" {'tok/s b' + str(b):>11} {'x fp32':>7} {'x/round':>7} {'GB/s':>6}"
     print(
         f"\n{cpu_name()}, {args.threads} threads, torch {torch.__version__}, {args.layers} layers, vocab {args.vocab}"
         f", lm_head {'kept' if args.keep_lm_head else 'quantized'}"
@@ -199,7 +212,8 @@ def main() -> None:
         for b in batches:
             ratio = r[f"tok_s_b{b}"] / fp32[f"tok_s_b{b}"] if fp32 else float("nan")
             r[f"x_fp32_b{b}"] = ratio
-            line += f" {r[f'tok_s_b{b}']:11.1f} {ratio:7.2f} {r[f'gb_s_b{b}']:6.1f}"
+            per_round = r.get(f"x_fp32_per_round_b{b}", float("nan"))
+            line += f" {r[f'tok_s_b{b}']:11.1f} {ratio:7.2f} {per_round:7.2f} {r[f'gb_s_b{b}']:6.1f}"
         print(line)
     print(
         json.dumps(
