@@ -174,19 +174,23 @@ class PreparedQgemv:
         ))  # fmt: skip
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        K = x.shape[-1]
-        x = x.contiguous()
-        ys = tuple(torch.empty((*x.shape[:-1], n), dtype=x.dtype) for n in self.out_features)
-        for struct, y in zip(self._structs, ys):
-            struct.y = y.data_ptr()
-        code = _DTYPE_CODES[x.dtype]
+        # ~60 calls per decode step: kept to the few tensor operations it needs.
+        if not x.is_contiguous():
+            x = x.contiguous()
+        *lead, K = x.shape
+        dtype = x.dtype
+        ys = [torch.empty((*lead, n), dtype=dtype) for n in self.out_features]
+        structs = self._structs
+        for i, y in enumerate(ys):
+            structs[i].y = y.data_ptr()
+        code = _DTYPE_CODES[dtype]
         status = self._fn(
-            x.data_ptr(), code, self._bits, self._group_size, self._structs, len(ys), code, x.numel() // K, K,
+            x.data_ptr(), code, self._bits, self._group_size, structs, len(ys), code, x.numel() // K, K,
             torch.get_num_threads(),
         )  # fmt: skip
         if status != 0:
             raise RuntimeError(f"qgemv kernel failed: {_ERRORS.get(status, status)}")
-        return ys
+        return tuple(ys)
 
 
 def uses_integer_path(bits: int, group_size: int, rows: int) -> bool:
