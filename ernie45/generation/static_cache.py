@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import decode_ops
+from ..models import fused_decode
 from ..models.config import Ernie45Config
 
 
@@ -30,6 +31,7 @@ class StaticKVCache:
         self.max_len = max_len
         self.length = 0  # tokens stored so far (same for every row)
         self._pending = 0  # tokens of the forward in flight
+        self._fused_plan = None  # ((model, rows, dtype), its FusedDecode plan or None: not fusable)
 
     def attend(self, layer_idx, q_BTND, k_BTKD, v_BTKD, scale):
         B, T, N, D = q_BTND.shape
@@ -64,6 +66,24 @@ class StaticKVCache:
             mask = torch.arange(end, device=q.device)[None, :] <= rows
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=K != N)
         return o.transpose(1, 2)
+
+    def run_fused_layers(self, model, x_BTH: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
+        """Every decoder layer of a one-token decode step in one C call (`models.fused_decode`), or None when this
+        step or model does not qualify (the model then runs layer by layer). Returns the hidden states [B, 1, H]."""
+        B, T, H = x_BTH.shape
+        cos, sin = rope
+        if T != 1 or self.length >= self.max_len or cos.numel() != cos.shape[-1] or not fused_decode.fusable_step(x_BTH):
+            return None
+        key = (model, B, x_BTH.dtype)
+        if self._fused_plan is None or self._fused_plan[0] != key:  # planned once per cache (one generation)
+            self._fused_plan = (key, fused_decode.plan_for(model, self.k_LBKSD, self.v_LBKSD, x_BTH))
+        plan = self._fused_plan[1]
+        if plan is None:
+            return None
+        x = x_BTH.contiguous().clone()
+        plan(x, self.length, cos.contiguous(), sin.contiguous())
+        self._pending = 1
+        return x
 
     def advance(self) -> None:
         """Commit the tokens of the last forward (call once per model forward, after all layers ran)."""

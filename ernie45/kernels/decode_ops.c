@@ -296,3 +296,105 @@ int ernie45_decode_attention(const void *q, const void *k_new, const void *v_new
     free(buffers);
     return OPS_OK;
 }
+
+/* ---- all decoder layers of a decode step in one call ----
+ * The layers' linears run through the GEMV kernels (qgemv.c for packed weights, gemv.c for fp32/bf16/fp16
+ * weights), reached by function pointers the caller passes in; everything else runs through the functions above,
+ * so each step equals the op-by-op path's bit for bit (same functions, same order). What it saves is the Python
+ * between them: ~10 calls a layer, each a few microseconds of argument checks, allocations and ctypes. */
+
+enum { LINEAR_QGEMV = 0, LINEAR_GEMV = 1 };
+
+typedef int (*qgemv_many_fn)(const void *x, int x_dtype, int bits, int64_t group_size, const void *weights, int count,
+                             int y_dtype, int64_t M, int64_t K, int threads);
+typedef int (*gemv_fn)(const void *x, int x_dtype, const void *w, int w_dtype, const void *bias, int bias_dtype,
+                       void *y, int y_dtype, int64_t M, int64_t N, int64_t K, int threads);
+
+/* One kernel call: a group of packed weights sharing x (their outputs already point at the caller's buffers), or
+ * one dense weight. ctypes mirrors this layout (kernels/decode_ops.py). */
+typedef struct {
+    void *fn;
+    int kind;
+    int count;           /* qgemv: weights in the group */
+    int bits;            /* qgemv */
+    int64_t group_size;  /* qgemv */
+    const void *weights; /* qgemv: QgemvWeight[count] */
+    const void *w;       /* gemv: [N, K] */
+    int w_dtype;
+    int bias_dtype;
+    const void *bias;    /* gemv: [N] or NULL */
+    void *y;             /* gemv: [M, N] */
+    int64_t N, K;
+} LinearOp;
+
+#define MAX_GROUP_OPS 3
+
+/* One dense decoder layer: x += o(attn(rope(qkv(norm(x))))); x += down(silu(gate(norm(x))) * up(norm(x))). */
+typedef struct {
+    const void *input_norm, *post_norm; /* [H], activation dtype */
+    LinearOp qkv[MAX_GROUP_OPS];        /* one grouped call or q, k, v */
+    int n_qkv;
+    LinearOp gate_up[MAX_GROUP_OPS];    /* one grouped call or gate, up */
+    int n_gate_up;
+    LinearOp o, down;
+    void *k_cache, *v_cache;            /* this layer's [B, K, S, D] */
+} DecodeLayer;
+
+/* Sizes and the buffers every layer reuses (activation dtype; q/k/v, gate/up: the linears' outputs). */
+typedef struct {
+    int dtype;
+    int64_t M, H, N, K, D, S, I;
+    float eps, scale;
+    void *normed, *q, *k, *v, *attn, *gate, *up, *act, *o, *down;
+} DecodeScratch;
+
+static int run_linear(const LinearOp *op, const void *x, int dtype, int64_t M, int threads) {
+    if (op->kind == LINEAR_QGEMV)
+        return ((qgemv_many_fn)op->fn)(x, dtype, op->bits, op->group_size, op->weights, op->count, dtype, M, op->K,
+                                       threads);
+    return ((gemv_fn)op->fn)(x, dtype, op->w, op->w_dtype, op->bias, op->bias_dtype, op->y, dtype, M, op->N, op->K,
+                             threads);
+}
+
+static void add_in_place(void *x, const void *delta, int dtype, int64_t n) {
+    float a[SILU_CHUNK], b[SILU_CHUNK];
+    for (int64_t i0 = 0; i0 < n; i0 += SILU_CHUNK) {
+        const int64_t len = n - i0 < SILU_CHUNK ? n - i0 : SILU_CHUNK;
+        load_row(x, dtype, i0, a, len);
+        load_row(delta, dtype, i0, b, len);
+        for (int64_t i = 0; i < len; ++i) a[i] += b[i];
+        store_row(x, dtype, i0, a, len);
+    }
+}
+
+/* The layers in order on x [M, H] (in place) for one new token per sequence at cache slot `pos`, with the rotary
+ * tables of that position (cos / sin [D], interleaved). Returns OPS_OK or the first failing call's status (a
+ * linear's own code + 100, so the caller can tell the kernels' errors from these). */
+int ernie45_decode_layers(const DecodeLayer *layers, int n_layers, const DecodeScratch *s, void *x, int64_t pos,
+                          const float *cos, const float *sin, int threads) {
+    const int dt = s->dtype;
+    const int64_t M = s->M, H = s->H;
+    int status;
+#define CHECK(call)                                                                                               \
+    if ((status = (call)) != OPS_OK) return status;
+#define CHECK_LINEAR(call)                                                                                        \
+    if ((status = (call)) != 0) return 100 + status;
+    for (int l = 0; l < n_layers; ++l) {
+        const DecodeLayer *layer = layers + l;
+        CHECK(ernie45_rms_norm(x, NULL, NULL, dt, layer->input_norm, dt, s->normed, dt, M, H, s->eps, threads));
+        for (int i = 0; i < layer->n_qkv; ++i) CHECK_LINEAR(run_linear(&layer->qkv[i], s->normed, dt, M, threads));
+        CHECK(ernie45_rotary(s->q, s->k, dt, M, s->N, s->K, s->D, cos, sin, 1));
+        CHECK(ernie45_decode_attention(s->q, s->k, s->v, layer->k_cache, layer->v_cache, dt, M, s->N, s->K, s->D,
+                                       s->S, pos, s->scale, s->attn, threads));
+        CHECK_LINEAR(run_linear(&layer->o, s->attn, dt, M, threads));
+        CHECK(ernie45_rms_norm(x, s->o, x, dt, layer->post_norm, dt, s->normed, dt, M, H, s->eps, threads));
+        for (int i = 0; i < layer->n_gate_up; ++i)
+            CHECK_LINEAR(run_linear(&layer->gate_up[i], s->normed, dt, M, threads));
+        CHECK(ernie45_silu_mul(s->gate, s->up, s->act, dt, M * s->I, threads));
+        CHECK_LINEAR(run_linear(&layer->down, s->act, dt, M, threads));
+        add_in_place(x, s->down, dt, M * H);
+    }
+#undef CHECK
+#undef CHECK_LINEAR
+    return OPS_OK;
+}

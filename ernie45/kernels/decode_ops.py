@@ -39,6 +39,7 @@ class _Library:
     rotary: Callable[..., int]
     silu_mul: Callable[..., int]
     decode_attention: Callable[..., int]
+    decode_layers: Callable[..., int]
 
 
 @functools.cache
@@ -57,6 +58,7 @@ def _library() -> _Library | None:
             decode_attention=ctypes.CFUNCTYPE(
                 i32, p, p, p, p, p, i32, i64, i64, i64, i64, i64, i64, f32, p, i32
             )(("ernie45_decode_attention", lib)),
+            decode_layers=ctypes.CFUNCTYPE(i32, p, i32, p, p, i64, p, p, i32)(("ernie45_decode_layers", lib)),
         )
     except (RuntimeError, OSError, AttributeError) as e:
         logger.warning("ernie45 decode-op kernels unavailable, using torch ops: %s", e)
@@ -169,3 +171,12 @@ def decode_attention(
     )  # fmt: skip
     _check(status, "decode_attention")
     return out
+
+
+def decode_layers_entry() -> Callable[..., int]:
+    """`ernie45_decode_layers` (all decoder layers of a decode step; its structs live in models/fused_decode.py).
+    Raises RuntimeError when the kernels are unavailable."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the decode-op kernels are unavailable (disabled or failed to build)")
+    return lib.decode_layers

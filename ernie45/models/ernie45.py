@@ -101,6 +101,12 @@ class Ernie45Model(nn.Module):
             positions = torch.arange(x.shape[1], device=x.device)
         rope = self.rotary_emb(positions)
         attn_metadata = attn_metadata if attn_metadata is not None else CausalAttention()
+        # A backend may run every layer of a decode step at once (the static cache: models/fused_decode.py).
+        run_fused = getattr(attn_metadata, "run_fused_layers", None)
+        if run_fused is not None and router_logits is None and moe_token_types is None:
+            fused = run_fused(self, x, rope)
+            if fused is not None:
+                return fused
         for layer in self.layers:
             x = layer(x, rope, attn_metadata, router_logits, moe_token_types)
         return x
