@@ -303,14 +303,14 @@ INLINE ivec idot(ivec acc, ivec codes, ivec x) { return _mm512_dpbusd_epi32(acc,
 /* The 64 codes of unit u of a packed row, in weight order, one byte each. */
 INLINE void unit_codes(const uint8_t *row, int64_t u, int BITS, ivec out[UNIT_VECS]) {
     if (BITS == 4) {
-        /* Blocks A, B (weights 0-31, 32-63; low nibbles then high nibbles) -> [lo A, lo B, hi A, hi B]: weights
-         * 0-15, 32-47, 16-31, 48-63, the order quantize_x writes x in (unit_slot). Faster when streaming than
-         * putting the codes in weight order with a lane shuffle and variable shifts (26 vs 22 GB/s in a standalone
-         * streaming microbenchmark). */
-        const __m256i q = _mm256_loadu_si256((const __m256i *)(row + u * 32));
-        const __m256i lo = _mm256_and_si256(q, _mm256_set1_epi8(0x0f));
-        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), _mm256_set1_epi8(0x0f));
-        out[0] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+        /* Blocks A, B (weights 0-31, 32-63; low nibbles then high nibbles) -> [lo A, lo B, 16 hi A, 16 hi B]:
+         * weights 0-15, 32-47, 16-31, 48-63, the order quantize_x writes x in (unit_slot). The 32 bytes loaded into
+         * both halves and masked with 0x0f / 0xf0 at once: the high nibbles stay in place, 16x their value, and
+         * the upper 8 int32 lanes of every sum are 16x too: HI_NIBBLE_LANES undoes it once per row, exactly (a
+         * power of two). One op instead of four per 64 weights (shift, two masks, insert). */
+        const __m512i q = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(row + u * 32)));
+        const __m512i masks = _mm512_inserti64x4(_mm512_set1_epi8(0x0f), _mm256_set1_epi8((char)0xf0), 1);
+        out[0] = _mm512_and_si512(q, masks);
     } else {
         /* One block of 64 weights: lane s holds the bit field s. */
         const __m512i b = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(row + u * 16)));
@@ -319,6 +319,11 @@ INLINE void unit_codes(const uint8_t *row, int64_t u, int BITS, ivec out[UNIT_VE
     }
 }
 INLINE f32x16 ivec_to_f32x16(ivec v) { return (f32x16)_mm512_cvtepi32_ps(v); }
+/* Per-lane factor of a row's float total: 4-bit codes' upper lanes hold 16x their dot products (unit_codes). */
+INLINE f32x16 unit_lane_scale(int BITS) {
+    const float h = BITS == 4 ? 1.0f / 16.0f : 1.0f;
+    return (f32x16){1, 1, 1, 1, 1, 1, 1, 1, h, h, h, h, h, h, h, h};
+}
 /* Where weight j of a 64-weight unit sits in unit_codes' vector: 4-bit swaps the middle two quarters. */
 INLINE int64_t unit_slot(int64_t j, int BITS) { return BITS == 4 ? (j & ~48) | ((j & 16) << 1) | ((j & 32) >> 1) : j; }
 #elif defined(__AVX2__)
@@ -348,6 +353,10 @@ INLINE void unit_codes(const uint8_t *row, int64_t u, int BITS, ivec out[UNIT_VE
     }
 }
 INLINE int64_t unit_slot(int64_t j, int BITS) { (void)BITS; return j; }
+INLINE f32x16 unit_lane_scale(int BITS) {
+    (void)BITS;
+    return (f32x16){1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
+}
 INLINE f32x16 ivec_to_f32x16(ivec v) {
     const __m256 lo = _mm256_cvtepi32_ps(v);
     f32x16 out = {0};
@@ -363,8 +372,9 @@ typedef int32_t i32vec __attribute__((vector_size(sizeof(ivec))));
 #define GROUP_CHUNK 64
 
 /* Integer analogue of rows_direct for TILE_R weight rows and MT <= 2 rows of x: xhi/xlo [M, K] int8 and
- * xscale [M, groups] from quantize_x. Per group, the int32 sums 256 * dot(q, hi) + dot(q, lo) (at most
- * 15 * 127 * 257 * group_size / 64 * 4: callers keep group_size <= 4096) are scaled once by s * sx. The per-group
+ * xscale [M, groups] from quantize_x. Per group, the int32 sums 256 * dot(q, hi) + dot(q, lo) (per lane at most
+ * 240 * 127 * 257 * group_size / 64 * 4 with the 16x high nibbles of the AVX-512 4-bit codes, 2.0e9 at the
+ * largest group size callers allow, 4096: inside int32) are scaled once by s * sx. The per-group
  * scalars (scale s times sx; the zero-point term s * z * sum(x_g)) are computed for a chunk of groups ahead of
  * the dot products, in loops the compiler vectorizes: done per group inside the loop they cost as much as the
  * dot products themselves at 2 bits. */
@@ -457,8 +467,9 @@ INLINE void rows_int(const uint8_t *qw, int64_t row_bytes, const uint16_t *scale
                 }
         }
     }
+    const f32x16 lane_scale = unit_lane_scale(BITS);
     for (int r = 0; r < R; ++r)
-        for (int m = 0; m < MT; ++m) out[r][m] = hsum(total[r][m]) - zero_term[r][m];
+        for (int m = 0; m < MT; ++m) out[r][m] = hsum(total[r][m] * lane_scale) - zero_term[r][m];
 }
 
 /* x [M, K] (fp32) -> per group of G: scale sx = max|x_g| / 32512 and x_g / sx rounded to an integer
