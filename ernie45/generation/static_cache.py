@@ -70,9 +70,11 @@ class StaticKVCache:
     def run_fused_layers(self, model, x_BTH: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
         """Every decoder layer of a one-token decode step in one C call (`models.fused_decode`), or None when this
         step or model does not qualify (the model then runs layer by layer). Returns the hidden states [B, 1, H]."""
-        B, T, H = x_BTH.shape
+        B, T, _ = x_BTH.shape
         cos, sin = rope
-        if T != 1 or self.length >= self.max_len or cos.numel() != cos.shape[-1] or not fused_decode.fusable_step(x_BTH):
+        if T != 1 or self.length >= self.max_len or cos.numel() != cos.shape[-1]:
+            return None
+        if not fused_decode.fusable_step(x_BTH):
             return None
         key = (model, B, x_BTH.dtype)
         if self._fused_plan is None or self._fused_plan[0] != key:  # planned once per cache (one generation)
