@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..models import fused_decode
+
 
 class KVCache:
     """The engine's KV memory, allocated once."""
@@ -24,6 +26,9 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.block_size = block_size
         self.num_blocks = num_blocks
+        self.fused_plans: dict = {}
+        """(model, rows, dtype) -> its fused decode plan, or None: not fusable (models/fused_decode.py). Planned
+        once for the engine's lifetime: the engine does not swap modules while it serves."""
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -76,6 +81,31 @@ class PagedAttentionMetadata:
             q = q_NHD[seq.q_start : seq.q_start + seq.q_len]  # [T, N, D]
             out[seq.q_start : seq.q_start + seq.q_len] = _attend_one(q, k, v, scale)
         return out[None]
+
+
+    def run_fused_layers(self, model, x_1NH: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
+        """A step in which every sequence decodes one token: all decoder layers in one C call
+        (`models.fused_decode`); None when the step or the model does not qualify (mixed prefill, MoE, ...)."""
+        if x_1NH.shape[0] != 1 or any(seq.q_len != 1 for seq in self.sequences):
+            return None
+        M = x_1NH.shape[1]
+        cos, sin = rope
+        if cos.numel() != M * cos.shape[-1] or not fused_decode.fusable_step(x_1NH):
+            return None
+        key = (model, M, x_1NH.dtype)
+        if key not in self.cache.fused_plans:
+            self.cache.fused_plans[key] = fused_decode.plan_for(model, self.cache.k, self.cache.v, x_1NH)
+        plan = self.cache.fused_plans[key]
+        if plan is None:
+            return None
+        lengths = torch.tensor([seq.context_len for seq in self.sequences])
+        offsets = torch.zeros(M + 1, dtype=torch.long)
+        torch.cumsum(lengths, 0, out=offsets[1:])
+        context = torch.cat([seq.context_slots[: seq.context_len] for seq in self.sequences])
+        write = self.slot_mapping_N.to(torch.long).contiguous()
+        x = x_1NH.contiguous().clone()
+        plan(x, fused_decode.paged_attention(write, context, offsets), cos.contiguous(), sin.contiguous())
+        return x
 
 
 class _BatchedDecode:

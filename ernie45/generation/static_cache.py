@@ -78,12 +78,13 @@ class StaticKVCache:
             return None
         key = (model, B, x_BTH.dtype)
         if self._fused_plan is None or self._fused_plan[0] != key:  # planned once per cache (one generation)
-            self._fused_plan = (key, fused_decode.plan_for(model, self.k_LBKSD, self.v_LBKSD, x_BTH))
+            plan = fused_decode.plan_for(model, self.k_LBKSD, self.v_LBKSD, x_BTH, static_slots=self.max_len)
+            self._fused_plan = (key, plan)
         plan = self._fused_plan[1]
         if plan is None:
             return None
         x = x_BTH.contiguous().clone()
-        plan(x, self.length, cos.contiguous(), sin.contiguous())
+        plan(x, fused_decode.static_attention(self.length), cos.contiguous(), sin.contiguous())
         self._pending = 1
         return x
 

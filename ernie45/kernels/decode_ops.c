@@ -234,10 +234,58 @@ INLINE void weighted_rows(const float *w, const float *v, int64_t n, int64_t D, 
         for (int64_t d = 0; d < D; ++d) acc[d] += w[s] * v[s * D + d];
 }
 
+/* Where the cached rows of one (sequence, kv head) live: row s starts at element
+ * base + (slots ? slots[s] * slot_stride : s * D). The static cache keeps a sequence's rows contiguous; the
+ * engine's paged cache lists each sequence's slots ([slot, K, D] rows). */
+typedef struct {
+    const int64_t *slots;
+    int64_t base, slot_stride;
+} RowIndex;
+
+INLINE int64_t row_at(const RowIndex *ix, int64_t s, int64_t D) {
+    return ix->base + (ix->slots ? ix->slots[s] * ix->slot_stride : s * D);
+}
+
+/* G query heads (qs, fp32 [G, D]) attend L cached rows of their kv head into acc [G, D]. Scratch: p [G, L],
+ * buf [PV_BLOCK, D]. Each cached row is read (and widened, for bf16) once for the G heads; V is summed in blocks
+ * that stay in L1 while every head uses them. */
+static void attend_group(const float *qs, int64_t G, int64_t D, int64_t L, const void *k_cache, const void *v_cache,
+                         int dtype, const RowIndex *ix, float scale, float *p, float *acc, float *buf) {
+    const int direct = dtype == DTYPE_F32 && !ix->slots; /* rows readable in place, contiguous */
+    for (int64_t s = 0; s < L; ++s) {
+        const float *krow = buf;
+        if (dtype == DTYPE_F32)
+            krow = (const float *)k_cache + row_at(ix, s, D);
+        else
+            load_row(k_cache, dtype, row_at(ix, s, D), buf, D);
+        for (int64_t g = 0; g < G; ++g) p[g * L + s] = dot(qs + g * D, krow, D) * scale;
+    }
+    for (int64_t g = 0; g < G; ++g) {
+        float *pg = p + g * L, top = -INFINITY, total = 0.0f;
+        for (int64_t s = 0; s < L; ++s) top = pg[s] > top ? pg[s] : top;
+        for (int64_t s = 0; s < L; ++s) {
+            pg[s] = exp_f32(pg[s] - top);
+            total += pg[s];
+        }
+        const float inv = 1.0f / total;
+        for (int64_t s = 0; s < L; ++s) pg[s] *= inv;
+    }
+    for (int64_t i = 0; i < G * D; ++i) acc[i] = 0.0f;
+    for (int64_t s0 = 0; s0 < L; s0 += PV_BLOCK) {
+        const int64_t sn = L - s0 < PV_BLOCK ? L - s0 : PV_BLOCK;
+        const float *vblock = buf;
+        if (direct)
+            vblock = (const float *)v_cache + row_at(ix, s0, D);
+        else
+            for (int64_t s = 0; s < sn; ++s) load_row(v_cache, dtype, row_at(ix, s0 + s, D), buf + s * D, D);
+        for (int64_t g = 0; g < G; ++g) weighted_rows(p + g * L + s0, vblock, sn, D, acc + g * D);
+    }
+}
+
 /* One new token per sequence: k_new / v_new [B, K, D] are written into slot `pos` of the layer's cache
  * [B, K, S, D], then each query head [B, N, D] attends slots 0..pos of its kv head (softmax in fp32, as the
  * cache's torch path) into out [B, N, D]. All tensors in `dtype`; query heads h*G .. h*G+G-1 share kv head h.
- * One work item per (sequence, kv head): each cached row is read (and widened, for bf16) once for its G heads. */
+ * One work item per (sequence, kv head). */
 int ernie45_decode_attention(const void *q, const void *k_new, const void *v_new, void *k_cache, void *v_cache,
                              int dtype, int64_t B, int64_t N, int64_t K, int64_t D, int64_t S, int64_t pos,
                              float scale, void *out, int threads) {
@@ -251,47 +299,54 @@ int ernie45_decode_attention(const void *q, const void *k_new, const void *v_new
             memcpy((char *)v_cache + slot * elem, (const char *)v_new + src * elem, D * elem);
         }
     const int64_t L = pos + 1, G = N / K;
-    /* per work item: G x L probabilities, G x D accumulators, G x D of q, PV_BLOCK widened cache rows */
-    const int64_t scratch = G * L + 2 * G * D + PV_BLOCK * D;
+    const int64_t scratch = G * L + 2 * G * D + PV_BLOCK * D; /* p, acc, q widened, a block of rows */
     float *buffers = malloc(sizeof(float) * (size_t)(B * K) * (size_t)scratch);
     if (!buffers) return OPS_NO_MEMORY;
     if (B * N * L * D < MIN_PARALLEL_WORK) threads = 1;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t bh = 0; bh < B * K; ++bh) {
-        const int64_t kv0 = bh * S * D;
-        float *p = buffers + bh * scratch, *acc = p + G * L, *qs = acc + G * D, *row = qs + G * D, *vbuf = row;
-        load_row(q, dtype, bh * G * D, qs, G * D); /* heads bh*G .. of sequence b = bh / K, contiguous */
-        for (int64_t s = 0; s < L; ++s) {
-            const float *krow = row;
-            if (dtype == DTYPE_F32)
-                krow = (const float *)k_cache + kv0 + s * D;
-            else
-                load_row(k_cache, dtype, kv0 + s * D, row, D);
-            for (int64_t g = 0; g < G; ++g) p[g * L + s] = dot(qs + g * D, krow, D) * scale;
-        }
-        for (int64_t g = 0; g < G; ++g) {
-            float *pg = p + g * L, top = -INFINITY, total = 0.0f;
-            for (int64_t s = 0; s < L; ++s) top = pg[s] > top ? pg[s] : top;
-            for (int64_t s = 0; s < L; ++s) {
-                pg[s] = exp_f32(pg[s] - top);
-                total += pg[s];
-            }
-            const float inv = 1.0f / total;
-            for (int64_t s = 0; s < L; ++s) pg[s] *= inv;
-        }
-        for (int64_t i = 0; i < G * D; ++i) acc[i] = 0.0f;
-        for (int64_t s0 = 0; s0 < L; s0 += PV_BLOCK) {
-            /* a block of V rows (widened once, for bf16) stays in L1 while every head of the group sums it */
-            const int64_t sn = L - s0 < PV_BLOCK ? L - s0 : PV_BLOCK;
-            const float *vblock = vbuf;
-            if (dtype == DTYPE_F32)
-                vblock = (const float *)v_cache + kv0 + s0 * D;
-            else
-                load_row(v_cache, dtype, kv0 + s0 * D, vbuf, sn * D);
-            for (int64_t g = 0; g < G; ++g)
-                weighted_rows(p + g * L + s0, vblock, sn, D, acc + g * D);
-        }
+        float *p = buffers + bh * scratch, *acc = p + G * L, *qs = acc + G * D, *buf = qs + G * D;
+        load_row(q, dtype, bh * G * D, qs, G * D); /* heads of sequence bh / K, kv head bh % K: contiguous */
+        const RowIndex ix = {NULL, bh * S * D, 0};
+        attend_group(qs, G, D, L, k_cache, v_cache, dtype, &ix, scale, p, acc, buf);
         store_row(out, dtype, bh * G * D, acc, G * D);
+    }
+    free(buffers);
+    return OPS_OK;
+}
+
+/* The engine's paged cache [slots, K, D]: row m's new k / v [M, K, D] go to slot write_slots[m], then row m
+ * attends the slots context_slots[context_offsets[m] .. context_offsets[m + 1]) (its own new slot included). */
+int ernie45_paged_decode_attention(const void *q, const void *k_new, const void *v_new, void *k_cache,
+                                   void *v_cache, int dtype, int64_t M, int64_t N, int64_t K, int64_t D,
+                                   const int64_t *write_slots, const int64_t *context_slots,
+                                   const int64_t *context_offsets, float scale, void *out, int threads) {
+    if (!valid_dtype(dtype)) return OPS_BAD_DTYPE;
+    if (M <= 0 || N <= 0 || K <= 0 || N % K || D <= 0) return OPS_BAD_SHAPE;
+    const size_t elem = dtype == DTYPE_F32 ? 4 : 2, row_bytes = (size_t)(K * D) * elem;
+    int64_t longest = 0, work = 0;
+    for (int64_t m = 0; m < M; ++m) {
+        const int64_t L = context_offsets[m + 1] - context_offsets[m];
+        if (L <= 0) return OPS_BAD_SHAPE;
+        longest = L > longest ? L : longest;
+        work += L;
+        memcpy((char *)k_cache + write_slots[m] * row_bytes, (const char *)k_new + m * row_bytes, row_bytes);
+        memcpy((char *)v_cache + write_slots[m] * row_bytes, (const char *)v_new + m * row_bytes, row_bytes);
+    }
+    const int64_t G = N / K;
+    const int64_t scratch = G * longest + 2 * G * D + PV_BLOCK * D;
+    float *buffers = malloc(sizeof(float) * (size_t)(M * K) * (size_t)scratch);
+    if (!buffers) return OPS_NO_MEMORY;
+    if (work * N * D < MIN_PARALLEL_WORK) threads = 1;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int64_t mh = 0; mh < M * K; ++mh) {
+        const int64_t m = mh / K, h = mh % K;
+        float *p = buffers + mh * scratch, *acc = p + G * longest, *qs = acc + G * D, *buf = qs + G * D;
+        load_row(q, dtype, mh * G * D, qs, G * D);
+        const RowIndex ix = {context_slots + context_offsets[m], h * D, K * D};
+        const int64_t L = context_offsets[m + 1] - context_offsets[m];
+        attend_group(qs, G, D, L, k_cache, v_cache, dtype, &ix, scale, p, acc, buf);
+        store_row(out, dtype, mh * G * D, acc, G * D);
     }
     free(buffers);
     return OPS_OK;
@@ -337,7 +392,7 @@ typedef struct {
     LinearOp gate_up[MAX_GROUP_OPS];    /* one grouped call or gate, up */
     int n_gate_up;
     LinearOp o, down;
-    void *k_cache, *v_cache;            /* this layer's [B, K, S, D] */
+    void *k_cache, *v_cache;            /* this layer's cache: static [B, K, S, D] or paged [slots, K, D] */
 } DecodeLayer;
 
 /* Sizes and the buffers every layer reuses (activation dtype; q/k/v, gate/up: the linears' outputs). */
@@ -347,6 +402,17 @@ typedef struct {
     float eps, scale;
     void *normed, *q, *k, *v, *attn, *gate, *up, *act, *o, *down;
 } DecodeScratch;
+
+/* Where a step's attention reads and writes: the static cache (every row at slot `pos` of its own [S, D] rows per
+ * kv head) or the engine's paged cache (per-row write slot and context slot lists). ctypes mirrors it. */
+typedef struct {
+    int paged;
+    int64_t pos;                    /* static */
+    const int64_t *write_slots;     /* paged [M] */
+    const int64_t *context_slots;   /* paged, concatenated */
+    const int64_t *context_offsets; /* paged [M + 1] */
+    int64_t table_rows;             /* rotary tables: 1 (every row at one position) or M */
+} DecodeAttention;
 
 static int run_linear(const LinearOp *op, const void *x, int dtype, int64_t M, int threads) {
     if (op->kind == LINEAR_QGEMV)
@@ -367,11 +433,11 @@ static void add_in_place(void *x, const void *delta, int dtype, int64_t n) {
     }
 }
 
-/* The layers in order on x [M, H] (in place) for one new token per sequence at cache slot `pos`, with the rotary
- * tables of that position (cos / sin [D], interleaved). Returns OPS_OK or the first failing call's status (a
+/* The layers in order on x [M, H] (in place) for one new token per row, with the rotary tables of the rows'
+ * positions (cos / sin [table_rows, D], interleaved). Returns OPS_OK or the first failing call's status (a
  * linear's own code + 100, so the caller can tell the kernels' errors from these). */
-int ernie45_decode_layers(const DecodeLayer *layers, int n_layers, const DecodeScratch *s, void *x, int64_t pos,
-                          const float *cos, const float *sin, int threads) {
+int ernie45_decode_layers(const DecodeLayer *layers, int n_layers, const DecodeScratch *s, void *x,
+                          const DecodeAttention *at, const float *cos, const float *sin, int threads) {
     const int dt = s->dtype;
     const int64_t M = s->M, H = s->H;
     int status;
@@ -383,9 +449,15 @@ int ernie45_decode_layers(const DecodeLayer *layers, int n_layers, const DecodeS
         const DecodeLayer *layer = layers + l;
         CHECK(ernie45_rms_norm(x, NULL, NULL, dt, layer->input_norm, dt, s->normed, dt, M, H, s->eps, threads));
         for (int i = 0; i < layer->n_qkv; ++i) CHECK_LINEAR(run_linear(&layer->qkv[i], s->normed, dt, M, threads));
-        CHECK(ernie45_rotary(s->q, s->k, dt, M, s->N, s->K, s->D, cos, sin, 1));
-        CHECK(ernie45_decode_attention(s->q, s->k, s->v, layer->k_cache, layer->v_cache, dt, M, s->N, s->K, s->D,
-                                       s->S, pos, s->scale, s->attn, threads));
+        CHECK(ernie45_rotary(s->q, s->k, dt, M, s->N, s->K, s->D, cos, sin, at->table_rows));
+        if (at->paged) {
+            CHECK(ernie45_paged_decode_attention(s->q, s->k, s->v, layer->k_cache, layer->v_cache, dt, M, s->N, s->K,
+                                                 s->D, at->write_slots, at->context_slots, at->context_offsets,
+                                                 s->scale, s->attn, threads));
+        } else {
+            CHECK(ernie45_decode_attention(s->q, s->k, s->v, layer->k_cache, layer->v_cache, dt, M, s->N, s->K,
+                                           s->D, s->S, at->pos, s->scale, s->attn, threads));
+        }
         CHECK_LINEAR(run_linear(&layer->o, s->attn, dt, M, threads));
         CHECK(ernie45_rms_norm(x, s->o, x, dt, layer->post_norm, dt, s->normed, dt, M, H, s->eps, threads));
         for (int i = 0; i < layer->n_gate_up; ++i)

@@ -3,14 +3,16 @@
 At batch 1 the op-by-op decode spends ~2.5 ms a step of the 0.3B shape between kernels: ~10 Python-level calls
 a layer, each a few microseconds of checks, allocations and ctypes. A `FusedDecode` plan is built once per
 (model, KV cache, batch size): ctypes structs that point at the layers' weights, the cache's per-layer slices and
-buffers it owns; a step then costs one call. Numerics are the op-by-op path's bit for bit: the same C functions
-run in the same order (norm, q/k/v, rotary, attention, o, add + norm, gate/up, SiLU, down, add).
+buffers it owns; a step then costs one call. With the static cache the numerics are the op-by-op path's bit for
+bit: the same C functions run in the same order (norm, q/k/v, rotary, attention, o, add + norm, gate/up, SiLU,
+down, add); in the engine the attention is the C one rather than the engine's torch gather (fp32 rounding apart).
 
 It applies to dense decoder layers whose modules are exactly the model's own (`RMSNorm`, `Attention`, `SwiGLU`,
 `Linear` with fp32/bf16/fp16 weights or `QuantizedLinear`) with no hooks, CPU fp32/bf16 activations, no autograd
-and one new token per sequence in a `StaticKVCache`; `plan_for` returns None otherwise and the model runs layer
-by layer. A plan is checked when built and lives as long as its cache, i.e. one generation: modules swapped,
-re-quantized or hooked while a generation is in flight are not noticed (re-checking ~600 Python objects every
+and one new token per sequence: in a `StaticKVCache` (`generate`) or in the engine's paged cache when every
+scheduled sequence decodes (`engine/paged_attention.py`); `plan_for` returns None otherwise and the model runs
+layer by layer. A plan is checked when built and lives as long as its cache (one generation; the engine's
+lifetime): modules swapped, re-quantized or hooked after that are not noticed (re-checking ~600 Python objects every
 step cost ~200 us, as much as a fifth of the weights' streaming time, because the weights evict them from the
 CPU caches); a new cache plans again. Global module hooks and autograd are checked every step. Legend: M rows
 (sequences), H hidden, N query heads, K kv heads, D head dim, S cache slots, I intermediate.
@@ -78,6 +80,33 @@ class DecodeScratch(ctypes.Structure):
     ]
 
 
+class DecodeAttention(ctypes.Structure):
+    """Where a step's attention reads and writes (`DecodeAttention` in decode_ops.c)."""
+
+    _fields_ = [
+        ("paged", ctypes.c_int),
+        ("pos", ctypes.c_int64),
+        ("write_slots", ctypes.c_void_p),
+        ("context_slots", ctypes.c_void_p),
+        ("context_offsets", ctypes.c_void_p),
+        ("table_rows", ctypes.c_int64),
+    ]
+
+
+def static_attention(pos: int) -> DecodeAttention:
+    """Every row writes and attends up to slot `pos` of the static cache; one rotary table row for all."""
+    return DecodeAttention(0, pos, None, None, None, 1)
+
+
+def paged_attention(write_slots_M: torch.Tensor, context_slots: torch.Tensor, context_offsets: torch.Tensor
+                    ) -> DecodeAttention:
+    """The engine's paged cache: int64 slot tensors (the caller keeps them alive during the call); one rotary
+    table row per row."""
+    return DecodeAttention(
+        1, 0, write_slots_M.data_ptr(), context_slots.data_ptr(), context_offsets.data_ptr(), write_slots_M.numel()
+    )
+
+
 def _address(fn) -> int:
     return ctypes.cast(fn, ctypes.c_void_p).value
 
@@ -95,14 +124,16 @@ def _global_hooks() -> bool:
 class FusedDecode:
     """A plan for `ernie45_decode_layers`: build with `plan_for`, run with `__call__`."""
 
-    def __init__(self, model: Ernie45Model, k_LBKSD: torch.Tensor, v_LBKSD: torch.Tensor, rows: int,
-                 dtype: torch.dtype):
+    def __init__(self, model: Ernie45Model, k_layers: torch.Tensor, v_layers: torch.Tensor, rows: int,
+                 dtype: torch.dtype, static_slots: int = 0):
+        """k_layers / v_layers [L, ...]: each layer's cache, static [B, K, S, D] (static_slots = S) or paged
+        [slots, K, D] (static_slots = 0)."""
         config = model.config
         H, N, K, D = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
         I = config.intermediate_size
-        S = k_LBKSD.shape[3]
+        S = static_slots
         self.rows, self.dtype = rows, dtype
-        self._keep: list = [k_LBKSD, v_LBKSD]  # every tensor and struct the C side points at
+        self._keep: list = [k_layers, v_layers]  # every tensor and struct the C side points at
 
         def buffer(width: int) -> int:
             t = torch.empty(rows, width, dtype=dtype)
@@ -127,7 +158,7 @@ class FusedDecode:
             self._linears((mlp.down_proj,), (s.down,), (plan.down,))
             if attn.layer_idx != i or not all(map(_no_hooks, (layer, attn, mlp))):
                 raise _NotFusable
-            plan.k_cache, plan.v_cache = k_LBKSD[i].data_ptr(), v_LBKSD[i].data_ptr()
+            plan.k_cache, plan.v_cache = k_layers[i].data_ptr(), v_layers[i].data_ptr()
         self._run = decode_ops.decode_layers_entry()
 
     def _norm(self, norm: RMSNorm) -> int:
@@ -174,11 +205,12 @@ class FusedDecode:
             op.y, (op.N, op.K) = y, w.shape
         return len(modules)
 
-    def __call__(self, x_MH: torch.Tensor, pos: int, cos_D: torch.Tensor, sin_D: torch.Tensor) -> None:
-        """Runs every layer on x (in place) for one token per row at cache slot `pos`."""
+    def __call__(self, x_MH: torch.Tensor, attention: DecodeAttention, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """Runs every layer on x (in place) for one token per row; cos / sin: the rows' interleaved rotary tables
+        (fp32, contiguous, `attention.table_rows` rows)."""
         status = self._run(
-            ctypes.byref(self.layers), len(self.layers), ctypes.byref(self.scratch), x_MH.data_ptr(), pos,
-            cos_D.data_ptr(), sin_D.data_ptr(), torch.get_num_threads(),
+            ctypes.byref(self.layers), len(self.layers), ctypes.byref(self.scratch), x_MH.data_ptr(),
+            ctypes.byref(attention), cos.data_ptr(), sin.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
         if status != 0:
             raise RuntimeError(f"fused decode failed with status {status} (>= 100: a linear kernel's error)")
@@ -188,19 +220,21 @@ class _NotFusable(Exception):
     """A module the fused step cannot run: the model runs layer by layer."""
 
 
-def plan_for(model: Ernie45Model, k_LBKSD: torch.Tensor, v_LBKSD: torch.Tensor, x: torch.Tensor) -> FusedDecode | None:
-    """A fused plan for these layers, this cache and x's rows and dtype, or None when any part is not eligible."""
+def plan_for(model: Ernie45Model, k_layers: torch.Tensor, v_layers: torch.Tensor, x: torch.Tensor,
+             static_slots: int = 0) -> FusedDecode | None:
+    """A fused plan for these layers, this cache (see `FusedDecode`) and x's rows and dtype, or None when any part
+    is not eligible."""
     if not decode_ops.available() or x.dtype not in (torch.float32, torch.bfloat16) or not x.is_cpu:
         return None
     rows = x.numel() // x.shape[-1]
-    if not 1 <= rows <= gemv.MAX_ROWS or k_LBKSD.dtype != x.dtype or k_LBKSD.shape[0] < len(model.layers):
+    if not 1 <= rows <= gemv.MAX_ROWS or k_layers.dtype != x.dtype or k_layers.shape[0] < len(model.layers):
         return None
     for layer in model.layers:
         if not (type(layer.self_attn) is Attention and type(layer.mlp) is SwiGLU
                 and type(layer.input_layernorm) is RMSNorm and type(layer.post_attention_layernorm) is RMSNorm):
             return None  # MoE layers, LoRA-wrapped or other substituted modules  # fmt: skip
     try:
-        return FusedDecode(model, k_LBKSD, v_LBKSD, rows, x.dtype)
+        return FusedDecode(model, k_layers, v_layers, rows, x.dtype, static_slots)
     except _NotFusable:
         return None
 

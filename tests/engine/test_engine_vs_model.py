@@ -58,6 +58,9 @@ def test_greedy_equals_plain_model(setting, kind, tiny_moe_checkpoint, tiny_dens
     if setting == "tiny_kv_pool":
         assert engine.scheduler.num_preemptions > 0
     assert engine.block_manager.num_free_blocks == engine.num_kv_blocks  # everything returned
+    # Decode-only steps of the dense model ran every layer in one C call (models/fused_decode.py); MoE declined.
+    plans = engine.cache.fused_plans.values()
+    assert any(p is not None for p in plans) == (kind == "dense") and len(plans) > 0
     engine.block_manager.check_invariants()
 
 
