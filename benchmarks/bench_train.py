@@ -2,8 +2,10 @@
 
 Same config, weights, batch, dtype and optimizer (AdamW) for both; random token batches (no data loading):
 
-- ours: `ernie45.training` forward (`TrainingModel`) + loss (`Objective`, the trainer's own path) + backward + AdamW;
-- transformers: `Ernie4_5(_Moe)ForCausalLM(input_ids, labels=input_ids).loss` + backward + AdamW.
+- ours: `ernie45.training` forward (`TrainingModel`) + loss (`Objective`) + backward + the trainer's AdamW
+  (`build_optimizer`: the fused kernel);
+- transformers: `Ernie4_5(_Moe)ForCausalLM(input_ids, labels=input_ids).loss` + backward + `torch.optim.AdamW`
+  with its defaults (the per-tensor loop on the CPU), as a plain PyTorch loop would.
 
 Reports tokens/s, the ratio, and MFU against a matmul peak measured here (fp32 or bf16 GEMM, best of a few runs).
 Training FLOPs per token = 6 * (active non-embedding params + LM head) + 12 * layers * seq * attention width
@@ -34,6 +36,7 @@ from ernie45.checkpoint import load_model
 from ernie45.training.config import config_from_dict
 from ernie45.training.forward import TrainingModel
 from ernie45.training.objectives import Objective, counts
+from ernie45.training.optim import build_optimizer
 
 ROPE = {"rope_type": "default", "rope_theta": 500000.0}
 SHAPES = {
@@ -114,12 +117,12 @@ def bench_shape(shape: str, args: argparse.Namespace, dtype: torch.dtype, peak: 
     labels = ids.clone()
     labels[:, :prompt] = -100  # transformers shifts labels itself: label t is the target of position t - 1
     cfg = config_from_dict({"model_name_or_path": "bench", "train_dataset_path": "bench", "stage": "PT",
-                            "train_dataset_type": "text", "multi_token_pred_lambda": 0.0})
+                            "train_dataset_type": "text", "multi_token_pred_lambda": 0.0, "learning_rate": 1e-5})
     module = TrainingModel(ours)
     objective = Objective(cfg, module, ours, n_micro=1)
     denom = counts(batch, cfg, 0)
-    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-5, foreach=False)
-    opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-5, foreach=False)
+    opt_ours = build_optimizer(ours, cfg)  # the trainer's: ERNIE's parameter groups, the fused AdamW kernel
+    opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-5)  # a plain loop's default (per-tensor on the CPU)
 
     def step_ours():
         loss, _ = objective(batch, denom)

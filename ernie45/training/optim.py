@@ -31,8 +31,13 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                             eps=cfg.adam_epsilon, foreach=False)
+    groups = param_groups(model, cfg)
+    params = [p for group in groups for p in group["params"]]
+    # The fused kernel updates each tensor in one pass: 0.13-0.23 s a step for the 0.3B shape's parameters on this
+    # CPU against 1.5-1.7 s for the per-tensor loop (foreach: 1.95 s). FSDP2's DTensor shards keep the loop.
+    fused = all(type(p.data) is torch.Tensor and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                             eps=cfg.adam_epsilon, **({"fused": True} if fused else {"foreach": False}))
 
 
 def lr_factor(step: int, cfg: TrainConfig, total_steps: int) -> float:
