@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _module_state  # the global forward hooks live here
 
 from ..kernels import decode_ops, gemv, qgemv
 from .attention import Attention
@@ -116,9 +117,7 @@ def _no_hooks(module: nn.Module) -> bool:
 
 
 def _global_hooks() -> bool:
-    from torch.nn.modules import module as module_mod
-
-    return bool(module_mod._global_forward_hooks or module_mod._global_forward_pre_hooks)
+    return bool(_module_state._global_forward_hooks or _module_state._global_forward_pre_hooks)
 
 
 class FusedDecode:
