@@ -14,7 +14,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { DTYPE_F32 = 0, DTYPE_BF16 = 1 };
+#include "scalar_types.h"
+
 enum { OPS_OK = 0, OPS_BAD_DTYPE = 1, OPS_BAD_SHAPE = 2, OPS_NO_MEMORY = 3 };
 
 /* Below this many elements of work a parallel region costs more than it saves. */
@@ -24,22 +25,6 @@ enum { OPS_OK = 0, OPS_BAD_DTYPE = 1, OPS_BAD_SHAPE = 2, OPS_NO_MEMORY = 3 };
 #define SILU_CHUNK 512
 /* Cached V rows summed per pass of the attention (64 x 128 fp32 = 32 KB: L1). */
 #define PV_BLOCK 64
-
-#define INLINE static inline __attribute__((always_inline))
-
-INLINE float bf16_to_f32(uint16_t h) {
-    const uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-INLINE uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch; NaN stays NaN */
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
 
 INLINE float load(const void *p, int dtype, int64_t i) {
     return dtype == DTYPE_F32 ? ((const float *)p)[i] : bf16_to_f32(((const uint16_t *)p)[i]);

@@ -23,11 +23,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "scalar_types.h"
+
 #if defined(__AVX512F__) || defined(__AVX__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
-enum { DTYPE_F32 = 0, DTYPE_BF16 = 1, DTYPE_F16 = 2 };
 enum { GEMV_OK = 0, GEMV_BAD_DTYPE = 1, GEMV_BAD_SHAPE = 2, GEMV_NO_MEMORY = 3 };
 
 /* Vector width in floats and how many registers the tile may use; tiles must fit the register file or the
@@ -92,7 +93,6 @@ typedef uint32_t vuint __attribute__((vector_size(VEC * 4)));
 typedef float vfloat_u __attribute__((vector_size(VEC * 4), aligned(1), may_alias));
 typedef uint16_t vhalf_u __attribute__((vector_size(VEC * 2), aligned(1), may_alias));
 
-#define INLINE static inline __attribute__((always_inline))
 
 /* An empty asm that claims to modify v: without it gcc re-loads each weight and x vector once per FMA (folding the
  * load into the FMA) instead of once per tile step, doubling the loads, which then bind before the FMAs do
@@ -103,49 +103,11 @@ typedef uint16_t vhalf_u __attribute__((vector_size(VEC * 2), aligned(1), may_al
 #define KEEP_IN_REGISTER(v) ((void)0)
 #endif
 
-/* ---- scalar conversions (prologue/epilogue and K tails only) ---- */
-
-INLINE float bf16_to_f32(uint16_t bits) {
-    uint32_t wide = (uint32_t)bits << 16;
-    float f;
-    memcpy(&f, &wide, sizeof f);
-    return f;
-}
-
-/* Round to nearest even, NaN to the canonical quiet NaN: the same bits as torch's float -> bfloat16. */
-INLINE uint16_t f32_to_bf16(float f) {
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return (uint16_t)(bits >> 16);
-}
-
 #if defined(__F16C__)
 #define HAVE_FP16 1
-INLINE float f16_to_f32(uint16_t bits) { return _cvtsh_ss(bits); }
-INLINE uint16_t f32_to_f16(float f) { return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT); }
 #else
-#define HAVE_FP16 0
-/* Never called: the entry point rejects fp16 when F16C is missing. */
-INLINE float f16_to_f32(uint16_t bits) { (void)bits; return 0.0f; }
-INLINE uint16_t f32_to_f16(float f) { (void)f; return 0; }
+#define HAVE_FP16 0 /* the entry point rejects fp16: its vector paths need F16C */
 #endif
-
-INLINE float load_scalar(const void *base, int dtype, int64_t i) {
-    if (dtype == DTYPE_F32) return ((const float *)base)[i];
-    if (dtype == DTYPE_BF16) return bf16_to_f32(((const uint16_t *)base)[i]);
-    return f16_to_f32(((const uint16_t *)base)[i]);
-}
-
-INLINE void store_scalar(void *base, int dtype, int64_t i, float value) {
-    if (dtype == DTYPE_F32)
-        ((float *)base)[i] = value;
-    else if (dtype == DTYPE_BF16)
-        ((uint16_t *)base)[i] = f32_to_bf16(value);
-    else
-        ((uint16_t *)base)[i] = f32_to_f16(value);
-}
 
 /* ---- vector helpers ---- */
 

@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shlex
 import shutil
 import subprocess
@@ -85,13 +86,13 @@ def cache_dir() -> Path:
 
 def library_path(compiler: list[str], flags: tuple[str, ...] = COMPILE_FLAGS, source: Path = SOURCE_PATH) -> Path:
     """Where the build of `source` (gemv.c, or another kernel beside it) by `compiler` with `flags` for this CPU is
-    cached: named by a hash of all four."""
+    cached: named by a hash of all four (the source with the headers it includes)."""
     version = subprocess.run(
         [*compiler, "--version"], check=False, capture_output=True, text=True, errors="replace"
     ).stdout
     key = hashlib.sha256()
     for part in (
-        source.read_text(),
+        source_with_headers(source),
         " ".join(compiler),
         version,
         " ".join(flags),
@@ -100,6 +101,14 @@ def library_path(compiler: list[str], flags: tuple[str, ...] = COMPILE_FLAGS, so
     ):
         key.update(part.encode() + b"\0")
     return cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
+
+
+def source_with_headers(source: Path) -> str:
+    """The source's text and that of the local headers it includes (`#include "name.h"`, beside it): what a
+    build depends on besides the compiler and flags."""
+    text = source.read_text()
+    headers = re.findall(r'^\s*#\s*include\s+"([^"]+)"', text, flags=re.MULTILINE)
+    return "\0".join([text, *((source.parent / name).read_text() for name in headers)])
 
 
 def build(flags: tuple[str, ...] = COMPILE_FLAGS, source: Path = SOURCE_PATH) -> Path:

@@ -31,11 +31,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "scalar_types.h"
+
 #if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
-enum { DTYPE_F32 = 0, DTYPE_BF16 = 1, DTYPE_F16 = 2 };
 enum { QGEMV_OK = 0, QGEMV_BAD_DTYPE = 1, QGEMV_BAD_SHAPE = 2, QGEMV_NO_MEMORY = 3 };
 
 /* One weight of a call (ernie45_qgemv_many: several weights sharing x, e.g. q/k/v; ctypes mirrors this layout). */
@@ -59,7 +60,6 @@ typedef uint8_t u8x16 __attribute__((vector_size(16)));
 typedef uint8_t u8x16_u __attribute__((vector_size(16), aligned(1), may_alias));
 typedef float f32x16_u __attribute__((vector_size(64), aligned(1), may_alias));
 
-#define INLINE static inline __attribute__((always_inline))
 
 /* An empty asm claiming to modify v, as in gemv.c: without it gcc folds each load into every FMA that uses it,
  * doubling the loads, which then bind before the FMAs do. */
@@ -84,85 +84,6 @@ typedef float f32x16_u __attribute__((vector_size(64), aligned(1), may_alias));
 #define K_CHUNK 256
 /* Rows of x whose accumulators are kept per tile (16 KiB of vectors); more rows are done in passes. */
 #define MAX_M_ACC 16
-
-/* ---- scalar conversions (portable: no F16C needed; called per group or per element of x/y only) ---- */
-
-INLINE float bf16_to_f32(uint16_t bits) {
-    uint32_t wide = (uint32_t)bits << 16;
-    float f;
-    memcpy(&f, &wide, sizeof f);
-    return f;
-}
-
-INLINE uint16_t f32_to_bf16(float f) {
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return (uint16_t)(bits >> 16);
-}
-
-#if defined(__F16C__)
-INLINE float f16_to_f32(uint16_t h) { return _cvtsh_ss(h); }
-#else
-INLINE float f16_to_f32(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ffu, bits;
-    if (exp == 0x1f) {
-        bits = sign | 0x7f800000u | (mant << 13);
-    } else if (exp != 0) {
-        bits = sign | ((exp + 112u) << 23) | (mant << 13);
-    } else if (mant == 0) {
-        bits = sign;
-    } else { /* subnormal: normalise */
-        exp = 113;
-        while (!(mant & 0x400u)) {
-            mant <<= 1;
-            --exp;
-        }
-        bits = sign | (exp << 23) | ((mant & 0x3ffu) << 13);
-    }
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-#endif
-
-INLINE uint16_t f32_to_f16(float f) {
-    /* Round to nearest even via the hardware-free classic method; only used for y in fp16. */
-    uint32_t x;
-    memcpy(&x, &f, sizeof x);
-    uint32_t sign = (x >> 16) & 0x8000u;
-    int32_t exp = (int32_t)((x >> 23) & 0xff) - 127 + 15;
-    uint32_t mant = x & 0x7fffffu;
-    if (((x >> 23) & 0xff) == 0xff) return (uint16_t)(sign | 0x7c00u | (mant ? 0x200u : 0));
-    if (exp >= 0x1f) return (uint16_t)(sign | 0x7c00u);
-    if (exp <= 0) {
-        if (exp < -10) return (uint16_t)sign;
-        mant |= 0x800000u;
-        uint32_t shift = (uint32_t)(14 - exp);
-        uint32_t half = mant >> shift, rem = mant & ((1u << shift) - 1), mid = 1u << (shift - 1);
-        if (rem > mid || (rem == mid && (half & 1))) ++half;
-        return (uint16_t)(sign | half);
-    }
-    uint32_t half = sign | ((uint32_t)exp << 10) | (mant >> 13), rem = mant & 0x1fffu;
-    if (rem > 0x1000u || (rem == 0x1000u && (half & 1))) ++half;
-    return (uint16_t)half;
-}
-
-INLINE float load_scalar(const void *base, int dtype, int64_t i) {
-    if (dtype == DTYPE_F32) return ((const float *)base)[i];
-    if (dtype == DTYPE_BF16) return bf16_to_f32(((const uint16_t *)base)[i]);
-    return f16_to_f32(((const uint16_t *)base)[i]);
-}
-
-INLINE void store_scalar(void *base, int dtype, int64_t i, float value) {
-    if (dtype == DTYPE_F32)
-        ((float *)base)[i] = value;
-    else if (dtype == DTYPE_BF16)
-        ((uint16_t *)base)[i] = f32_to_bf16(value);
-    else
-        ((uint16_t *)base)[i] = f32_to_f16(value);
-}
 
 INLINE float hsum(f32x16 v) {
 #if defined(__AVX512F__)

@@ -204,6 +204,18 @@ def test_build_is_cached_by_content(monkeypatch, tmp_path):
     assert_matches_linear(torch.randn(3, 37), torch.randn(11, 37).bfloat16())
 
 
+def test_cache_key_covers_included_headers(tmp_path):
+    """A kernel's local headers (scalar_types.h) are part of its build: editing one must not reuse a stale build."""
+    source, header = tmp_path / "k.c", tmp_path / "h.h"
+    source.write_text('#include "h.h"\nint f(void) { return VALUE; }\n')
+    header.write_text("#define VALUE 1\n")
+    compiler = gemv.find_compiler()
+    before = gemv.library_path(compiler, source=source)
+    header.write_text("#define VALUE 2\n")
+    assert gemv.library_path(compiler, source=source) != before
+    assert "scalar_types.h" in (gemv.SOURCE_PATH.parent / "qgemv.c").read_text()  # the real kernels include it
+
+
 def test_cache_dir_follows_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("ERNIE45_KERNEL_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
