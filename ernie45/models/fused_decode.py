@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _module_state  # the global forward hooks live here
 
-from ..kernels import decode_ops, gemv, qgemv
+from ..kernels import decode_ops, gemv
 from .attention import Attention
 from .layers import Linear, RMSNorm, SwiGLU
 
@@ -173,15 +173,9 @@ class FusedDecode:
             raise _NotFusable
         if all(type(m) is QuantizedLinear for m in modules):
             first = modules[0]
-            if not all(
-                m.use_kernel and m.qweight.dim() == 2 and m.spec.bits == first.spec.bits
-                and m.group_size == first.group_size and qgemv.takes_weight(m.qweight, m.bias)
-                for m in modules
-            ):  # fmt: skip
+            call = QuantizedLinear.prepare_group(modules)  # our own call: its outputs point at the plan's buffers
+            if call is None:
                 raise _NotFusable
-            call = qgemv.PreparedQgemv(
-                [(m.qweight, m.scales, m.qzeros, m.bias) for m in modules], first.spec.bits, first.group_size
-            )
             for struct, y in zip(call._structs, outputs):
                 struct.y = y
             self._keep.append(call)

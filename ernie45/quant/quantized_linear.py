@@ -156,18 +156,27 @@ class QuantizedLinear(nn.Module):
         key = tuple([(id(m), m._version, m.use_kernel) for m in modules])
         cached = first._group_calls.get(len(modules))
         if cached is None or cached[0] != key:
-            if not all(
-                m.use_kernel and m.qweight.dim() == 2 and m.spec.bits == first.spec.bits
-                and m.group_size == first.group_size and m.in_features == first.in_features
-                and qgemv_kernel.takes_weight(m.qweight, m.bias)
-                for m in modules
-            ):  # fmt: skip
+            call = QuantizedLinear.prepare_group(modules)
+            if call is None:
                 return None
-            call = qgemv_kernel.PreparedQgemv(
-                [(m.qweight, m.scales, m.qzeros, m.bias) for m in modules], first.spec.bits, first.group_size
-            )
             first._group_calls[len(modules)] = cached = (key, call)
         return cached[1](x)
+
+    @staticmethod
+    def prepare_group(modules: tuple[QuantizedLinear, ...]) -> qgemv_kernel.PreparedQgemv | None:
+        """One prepared kernel call for linears of the same x (same bits, group size and input width, kernel on,
+        2-D CPU weights), or None when they cannot share one."""
+        first = modules[0]
+        if not all(
+            m.use_kernel and m.qweight.dim() == 2 and m.spec.bits == first.spec.bits
+            and m.group_size == first.group_size and m.in_features == first.in_features
+            and qgemv_kernel.takes_weight(m.qweight, m.bias)
+            for m in modules
+        ):  # fmt: skip
+            return None
+        return qgemv_kernel.PreparedQgemv(
+            [(m.qweight, m.scales, m.qzeros, m.bias) for m in modules], first.spec.bits, first.group_size
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.qweight.dim() != 2:

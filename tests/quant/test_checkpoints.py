@@ -67,16 +67,21 @@ def test_checkpoint_layout_and_config(quantized, tiny_moe):
     assert sum(p.stat().st_size for p in path.glob("*.safetensors")) < dense_bytes
 
 
-def test_kernel_and_reference_paths_agree_on_the_model(quantized):
-    model, _ = quantized["int4-rtn-g16"]
-    ids = torch.arange(3, 7).view(4, 1)  # 4 sequences of one token: 4 decode rows
+
+def kernel_and_reference_logits(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's logits through the quantized kernel, then through the dequantize reference path."""
     with torch.no_grad():
         fast = model(ids)
         set_use_kernel(model, False)
         try:
-            reference = model(ids)
+            return fast, model(ids)
         finally:
             set_use_kernel(model, True)
+
+def test_kernel_and_reference_paths_agree_on_the_model(quantized):
+    model, _ = quantized["int4-rtn-g16"]
+    ids = torch.arange(3, 7).view(4, 1)  # 4 sequences of one token: 4 decode rows
+    fast, reference = kernel_and_reference_logits(model, ids)
     torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-4)
 
 
@@ -141,12 +146,6 @@ def test_integer_path_decode_matches_reference_on_a_model(bits, rows):
     model = quantize_model(model, build_config(model, bits=bits, method="rtn", group_size=64, quantize_lm_head=True))
     assert qgemv.uses_integer_path(bits, 64, rows)
     ids = torch.arange(5, 5 + rows).view(rows, 1)
-    with torch.no_grad():
-        fast = model(ids)
-        set_use_kernel(model, False)
-        try:
-            reference = model(ids)
-        finally:
-            set_use_kernel(model, True)
+    fast, reference = kernel_and_reference_logits(model, ids)
     assert any(m._group_calls for m in model.modules() if isinstance(m, QuantizedLinear))  # grouped calls ran
     torch.testing.assert_close(fast, reference, rtol=1e-3, atol=1e-3 * reference.abs().max().item())
