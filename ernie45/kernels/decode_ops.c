@@ -15,6 +15,7 @@
 #include <string.h>
 
 #include "scalar_types.h"
+#include "fast_exp.h"
 
 enum { OPS_OK = 0, OPS_BAD_DTYPE = 1, OPS_BAD_SHAPE = 2, OPS_NO_MEMORY = 3 };
 
@@ -97,29 +98,6 @@ INLINE float dot(const float *a, const float *b, int64_t n) {
     float total = hsum16(acc);
     for (; i < n; ++i) total += a[i] * b[i];
     return total;
-}
-
-/* e^x in fp32 for the SiLU, in straight-line arithmetic the compiler vectorizes (libm's expf is a call per
- * element: 3,072 of them were most of a decode step's activation): e^x = 2^n * e^r, r = x - n ln2 in
- * [-ln2/2, ln2/2], e^r by its degree-6 Taylor polynomial (relative error < 2e-7, ~1 ulp); 0 below -87.3 and
- * +inf above 88.7, as expf. */
-INLINE float exp_f32(float x) {
-    const float lo = -87.33654f, hi = 88.72283f;
-    const float cx = x < lo ? lo : (x > hi ? hi : x);
-    const float n = __builtin_rintf(cx * 1.44269504f);
-    const float r = (cx - n * 0.693145752f) - n * 1.42860677e-6f; /* ln2 split in two for an exact n * ln2_hi */
-    float p = 1.0f / 720.0f;
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    const int32_t bits = ((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    const float y = p * scale;
-    return x < lo ? 0.0f : (x > hi ? __builtin_inff() : y);
 }
 
 /* out[m] = weight * round(x[m] * rsqrt(mean(x[m]^2) + eps)) for M rows of H, as RMSNorm.forward: the normalized

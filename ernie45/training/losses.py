@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..kernels import cross_entropy as cross_entropy_kernel
+
 IGNORE = -100
 
 
@@ -27,10 +29,39 @@ def shifted_targets(input_ids_BT: torch.Tensor, loss_mask_BT: torch.Tensor, segm
     return out
 
 
-def token_cross_entropy(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
-    """Per-token CE in fp32, shaped like the targets ([B, T], or [M] for gathered rows); 0 where IGNORE."""
-    return F.cross_entropy(logits_BTV.float().reshape(-1, logits_BTV.shape[-1]), targets_BT.reshape(-1),
-                           ignore_index=IGNORE, reduction="none").view_as(targets_BT)
+def token_cross_entropy(logits_BTV: torch.Tensor, targets_BT: torch.Tensor, consume_logits: bool = False
+                        ) -> torch.Tensor:
+    """Per-token CE in fp32, shaped like the targets ([B, T], or [M] for gathered rows); 0 where IGNORE.
+
+    `consume_logits=True` (for callers that drop the logits after the loss): on CPU fp32/bf16 the C kernel
+    computes the loss and, in the backward, writes the gradient over the logits instead of allocating, filling
+    and reading four more [M, V] tensors; the logits' contents are undefined after the backward."""
+    V = logits_BTV.shape[-1]
+    logits_MV, targets_M = logits_BTV.reshape(-1, V), targets_BT.reshape(-1)
+    if consume_logits and cross_entropy_kernel.takes(logits_MV, targets_M):
+        return _LogitsConsumingCrossEntropy.apply(logits_MV, targets_M).view_as(targets_BT)
+    return F.cross_entropy(logits_MV.float(), targets_M, ignore_index=IGNORE, reduction="none").view_as(targets_BT)
+
+
+class _LogitsConsumingCrossEntropy(torch.autograd.Function):
+    """Per-token CE whose backward turns the saved logits into their own gradient (kernels/cross_entropy.c)."""
+
+    @staticmethod
+    def forward(ctx, logits_MV: torch.Tensor, targets_M: torch.Tensor) -> torch.Tensor:
+        loss_M, lse_M = cross_entropy_kernel.forward(logits_MV, targets_M, IGNORE)
+        ctx.save_for_backward(logits_MV, targets_M, lse_M)
+        ctx.consumed = False
+        return loss_M
+
+    @staticmethod
+    def backward(ctx, grad_M: torch.Tensor) -> tuple[torch.Tensor, None]:
+        if ctx.consumed:
+            raise RuntimeError("token_cross_entropy(consume_logits=True) already wrote its gradient over the logits: "
+                               "it cannot run backward twice (use consume_logits=False with retain_graph)")
+        ctx.consumed = True
+        logits_MV, targets_M, lse_M = ctx.saved_tensors
+        cross_entropy_kernel.backward_(logits_MV, targets_M, IGNORE, lse_M, grad_M)
+        return logits_MV, None
 
 
 def token_balanced(loss_sum: torch.Tensor, fixed_denominator: float, mean: torch.Tensor) -> torch.Tensor:
@@ -87,9 +118,11 @@ def update_correction_bias(bias_1E: torch.Tensor, usage_E: torch.Tensor, coef: f
     bias_1E += coef * torch.sign(usage_E.mean() - usage_E).to(bias_1E.dtype).view_as(bias_1E)
 
 
-def sequence_logps(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of target log-probs per row [B], number of targets per row [B])."""
-    ce = token_cross_entropy(logits_BTV, targets_BT)
+def sequence_logps(logits_BTV: torch.Tensor, targets_BT: torch.Tensor, consume_logits: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of target log-probs per row [B], number of targets per row [B]); `consume_logits` as in
+    `token_cross_entropy`."""
+    ce = token_cross_entropy(logits_BTV, targets_BT, consume_logits)
     return -ce.sum(-1), (targets_BT != IGNORE).sum(-1)
 
 

@@ -89,7 +89,7 @@ class Objective:
         masks = [t != IGNORE for t in targets]
         out = self.module(ids, batch["positions"], seg, masks)
         metrics: dict[str, float] = {}
-        lm_sum = token_cross_entropy(out.logits, targets[0][masks[0]]).sum()
+        lm_sum = token_cross_entropy(out.logits, targets[0][masks[0]], consume_logits=True).sum()
         lm = lm_sum / max(denom["tokens"], 1.0)
         if cfg.token_balance_loss:
             fixed = (cfg.token_balance_seqlen or cfg.max_seq_len * cfg.batch_size) * self.n_micro
@@ -97,7 +97,7 @@ class Objective:
         metrics["lm_loss"] = _f(lm)
         loss = lm + self._router_terms(out, seg, metrics, usage)
         for d, mtp_logits in enumerate(out.mtp_logits):
-            mtp_sum = token_cross_entropy(mtp_logits, targets[1 + d][masks[1 + d]]).sum()
+            mtp_sum = token_cross_entropy(mtp_logits, targets[1 + d][masks[1 + d]], consume_logits=True).sum()
             mtp = mtp_sum / max(denom[f"mtp{d}"], 1.0) / len(out.mtp_logits)
             loss = loss + cfg.multi_token_pred_lambda * mtp
             metrics["mtp_loss"] = metrics.get("mtp_loss", 0.0) + _f(mtp)
@@ -110,7 +110,7 @@ class Objective:
         P = int(batch["num_pairs"])
         targets = shifted_targets(ids, mask, seg, 1)
         out = self._run(self.module, batch)
-        logps, n = sequence_logps(out.logits, targets)
+        logps, n = sequence_logps(out.logits, targets, consume_logits=True)
         ref = torch.zeros_like(logps)
         if not cfg.reference_free:
             with torch.no_grad():
@@ -119,7 +119,7 @@ class Objective:
                 else:
                     with self.reference_ctx():
                         ref_out = self._run(self.module, batch)
-                ref, _ = sequence_logps(ref_out.logits, targets)
+                ref, _ = sequence_logps(ref_out.logits, targets, consume_logits=True)
         norm = n.clamp(min=1) if cfg.loss_type == "ipo" else torch.ones_like(n)
         losses, stats = dpo_loss(logps[:P] / norm[:P], logps[P:] / norm[P:], ref[:P] / norm[:P], ref[P:] / norm[P:],
                                  cfg.beta, cfg.loss_type)

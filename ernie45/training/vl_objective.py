@@ -138,7 +138,7 @@ class VLObjective:
         targets = vl_targets(batch)
         mask = targets != IGNORE
         out = self.module(batch, mask)
-        lm = token_cross_entropy(out.logits, targets[mask]).sum() / max(step_targets, 1.0)
+        lm = token_cross_entropy(out.logits, targets[mask], consume_logits=True).sum() / max(step_targets, 1.0)
         metrics = {"lm_loss": float(lm.detach())}
         loss = lm
         terms = router_losses(out.routed, bool(cfg.moe_aux_loss_lambda), bool(cfg.moe_z_loss_lambda))
