@@ -7,7 +7,8 @@ Same config, weights, batch, dtype and optimizer (AdamW) for both; random token 
 - transformers: `Ernie4_5(_Moe)ForCausalLM(input_ids, labels=input_ids).loss` + backward + `torch.optim.AdamW`
   with its defaults (the per-tensor loop on the CPU), as a plain PyTorch loop would.
 
-Reports tokens/s, the ratio, and MFU against a matmul peak measured here (fp32 or bf16 GEMM, best of a few runs).
+Steps are timed in adjacent pairs (one of each side, order alternating); reports tokens/s from the median step,
+the ratio as the median over pairs, and MFU against a matmul peak measured here (fp32 or bf16 GEMM, best of a few runs).
 Training FLOPs per token = 6 * (active non-embedding params + LM head) + 12 * layers * seq * attention width
 (PaLM's formula, no causal discount). Shapes: `0.3b` (ERNIE-4.5-0.3B), `moe` (a small ERNIE MoE with shared
 experts), `tiny` (a smoke test). Prints a table and one JSON line.
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import tempfile
 import time
 
@@ -97,17 +99,31 @@ def flops_per_token(model, seq: int) -> float:
     return 6 * total + 12 * cfg.num_hidden_layers * seq * attn_width
 
 
-def time_loop(step, steps: int, warmup: int) -> float:
-    for _ in range(warmup):
-        step()
+def timed(step) -> float:
     t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return (time.perf_counter() - t0) / steps
+    step()
+    return time.perf_counter() - t0
+
+
+def paired_times(step_a, step_b, pairs: int, warmup: int) -> tuple[list[float], list[float]]:
+    """Step times of a and b measured in adjacent pairs, the order alternating (ab, ba, ab, ...): this machine's
+    speed drifts by +-20% over minutes, and a pair sees the same drift on both sides."""
+    for _ in range(warmup):
+        step_a()
+        step_b()
+    times_a, times_b = [], []
+    for i in range(pairs):
+        if i % 2 == 0:
+            times_a.append(timed(step_a))
+            times_b.append(timed(step_b))
+        else:
+            times_b.append(timed(step_b))
+            times_a.append(timed(step_a))
+    return times_a, times_b
 
 
 def bench_shape(shape: str, args: argparse.Namespace, dtype: torch.dtype, peak: float) -> dict:
-    """One shape: both training steps timed in alternating rounds; tokens/s and MFU of each."""
+    """One shape: both training steps timed in adjacent pairs; tokens/s, MFU and the ratio."""
     hf, ours, moe = build_models(shape, dtype)
     ids = torch.randint(3, hf.config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
     batch = {"input_ids": ids, "positions": torch.arange(args.seq).expand_as(ids).contiguous(),
@@ -138,18 +154,18 @@ def bench_shape(shape: str, args: argparse.Namespace, dtype: torch.dtype, peak: 
     with torch.no_grad():  # same weights, same batch: the two losses agree before anything is timed
         loss_ours = float(objective(batch, denom)[0])
         loss_hf = float(hf(input_ids=ids, labels=labels).loss)
-    # two alternating rounds, best of each: drift (other load, clocks) does not favour one side
-    t_hf = t_ours = float("inf")
-    for r in range(2):
-        t_hf = min(t_hf, time_loop(step_hf, args.steps, args.warmup if r == 0 else 0))
-        t_ours = min(t_ours, time_loop(step_ours, args.steps, args.warmup if r == 0 else 0))
+    t_hf, t_ours = paired_times(step_hf, step_ours, args.steps, args.warmup)
     tokens = args.batch * args.seq
     fpt = flops_per_token(ours, args.seq)
+    med_hf, med_ours = statistics.median(t_hf), statistics.median(t_ours)
     row = {"shape": shape, "moe": moe, "batch": args.batch, "seq": args.seq, "dtype": args.dtype,
            "prompt_frac": args.prompt_frac,
-           "ours_tokens_per_s": tokens / t_ours, "hf_tokens_per_s": tokens / t_hf, "speedup": t_hf / t_ours,
-           "ours_mfu": tokens / t_ours * fpt / peak, "hf_mfu": tokens / t_hf * fpt / peak,
-           "flops_per_token": fpt, "loss_ours": loss_ours, "loss_hf": loss_hf}
+           "ours_tokens_per_s": tokens / med_ours, "hf_tokens_per_s": tokens / med_hf,
+           "speedup": statistics.median(h / o for h, o in zip(t_hf, t_ours)),
+           "speedup_min": min(h / o for h, o in zip(t_hf, t_ours)), "speedup_max": max(h / o for h, o in zip(t_hf, t_ours)),
+           "ours_mfu": tokens / med_ours * fpt / peak, "hf_mfu": tokens / med_hf * fpt / peak,
+           "flops_per_token": fpt, "loss_ours": loss_ours, "loss_hf": loss_hf,
+           "ours_step_s": t_ours, "hf_step_s": t_hf}
     return row
 
 
@@ -158,7 +174,7 @@ def main() -> None:
     ap.add_argument("--shape", nargs="+", default=["0.3b", "moe"], choices=sorted(SHAPES))
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=512)
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=5, help="timed pairs of steps (one of each side per pair)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     ap.add_argument("--threads", type=int, default=None)
@@ -171,10 +187,13 @@ def main() -> None:
     peak = matmul_peak(dtype)
     results = [bench_shape(shape, args, dtype, peak) for shape in args.shape]
     print(f"matmul peak ({args.dtype}, {torch.get_num_threads()} threads): {peak / 1e9:.1f} GFLOP/s")
-    print(f"{'shape':6} {'ours tok/s':>11} {'hf tok/s':>10} {'ratio':>6} {'ours MFU':>9} {'hf MFU':>8} {'loss ours/hf':>16}")
+    print(f"{'shape':6} {'ours tok/s':>11} {'hf tok/s':>10} {'ratio':>6} {'range':>11} {'ours MFU':>9} {'hf MFU':>8} "
+          f"{'loss ours/hf':>16}")
     for r in results:
         print(f"{r['shape']:6} {r['ours_tokens_per_s']:11.1f} {r['hf_tokens_per_s']:10.1f} {r['speedup']:6.2f} "
-              f"{r['ours_mfu']:9.1%} {r['hf_mfu']:8.1%} {r['loss_ours']:8.4f}/{r['loss_hf']:.4f}")
+              f"{r['speedup_min']:5.2f}-{r['speedup_max']:<5.2f} {r['ours_mfu']:9.1%} {r['hf_mfu']:8.1%} "
+              f"{r['loss_ours']:8.4f}/{r['loss_hf']:.4f}")
+    print("tok/s from the median step time; ratio: median over pairs of adjacent steps (range: min-max over pairs)")
     print("target: ours >= 1.2x transformers' tokens/s")
     print(json.dumps({"bench": "train", "peak_flops": peak, "threads": torch.get_num_threads(),
                       "machine": platform.processor() or platform.machine(), "torch": torch.__version__,

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..models.attention import CausalAttention
@@ -39,6 +40,20 @@ class TrainingModel(nn.Module):
         self.mtp = mtp and model.model.num_mtp_layers > 0
         self.orthogonal_group = orthogonal_group  # None: orthogonal loss off
 
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [B, T, H]. When the embedding is the LM head's weight too (tied, a plain tensor, one
+        process, no hooks), its gradient from this lookup is sparse (the batch's rows), and autograd adds it into the
+        head's dense gradient in place, instead of zero-filling, scattering and adding a second [V, H] tensor
+        (424 MB at the 0.3B shape)."""
+        embed = self.model.model.embed_tokens
+        weight = embed.weight
+        sparse = (
+            torch.is_grad_enabled() and weight.requires_grad and self.model.lm_head.weight is weight
+            and type(weight) is nn.Parameter and not (embed._forward_hooks or embed._forward_pre_hooks)
+            and not (torch.distributed.is_available() and torch.distributed.is_initialized())
+        )  # fmt: skip
+        return F.embedding(input_ids, weight, sparse=True) if sparse else embed(input_ids)
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, segment_ids: torch.Tensor,
                 logit_masks: list[torch.Tensor] | None = None) -> TrainOutput:
         """`logit_masks` (bool [B, T] per head: main, then MTP depths): project only the positions that have a
@@ -54,7 +69,7 @@ class TrainingModel(nn.Module):
             segment_ids = None
         attn = CausalAttention(segment_ids)
         router_logits: list[torch.Tensor] = []
-        hidden = self.model.forward_hidden(input_ids, positions, attn, router_logits=router_logits)
+        hidden = self.model.forward_hidden(None, positions, attn, self._embed(input_ids), router_logits=router_logits)
         out = TrainOutput(head(hidden, 0), router_logits)
         if self.mtp:
             h = hidden
