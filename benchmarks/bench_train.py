@@ -1,20 +1,23 @@
-"""Training throughput of ernie45's training step vs transformers' model in a plain PyTorch loop, same run.
+"""Training throughput of ernie45's training step vs transformers' model in a plain PyTorch loop.
 
 Same config, weights, batch, dtype and optimizer (AdamW) for both; random token batches (no data loading):
 
 - ours: `ernie45.training` forward (`TrainingModel`) + loss (`Objective`) + backward + the trainer's AdamW
-  (`build_optimizer`: the fused kernel);
+  (`build_optimizer`: the fused kernel), in a process set up as `ernie45 train` sets up its own
+  (`training.host_memory.retain_freed_memory`: freed activation memory stays mapped between steps);
 - transformers: `Ernie4_5(_Moe)ForCausalLM(input_ids, labels=input_ids).loss` + backward + `torch.optim.AdamW`
-  with its defaults (the per-tensor loop on the CPU), as a plain PyTorch loop would.
+  with its defaults (the per-tensor loop on the CPU), in a plain Python process, as a plain PyTorch loop would.
+  `--hf-retain-memory` gives it ours' malloc policy too: the control that separates that policy from the code.
 
-Steps are timed in adjacent pairs (one of each side, order alternating); reports tokens/s from the median step,
-the ratio as the median over pairs, and MFU against a matmul peak measured here (fp32 or bf16 GEMM, best of a few runs).
-Training FLOPs per token = 6 * (active non-embedding params + LM head) + 12 * layers * seq * attention width
-(PaLM's formula, no causal discount). Shapes: `0.3b` (ERNIE-4.5-0.3B), `moe` (a small ERNIE MoE with shared
-experts), `tiny` (a smoke test). Prints a table and one JSON line.
+Each side runs in its own process (the malloc policy is per process), `--rounds` times, the order alternating;
+every process runs `--warmup` untimed steps, then `--steps` timed ones. Reports tokens/s from the median step of
+each side, the ratio of those medians (and per round), and MFU against a matmul peak measured here (fp32 or bf16
+GEMM, best of a few runs). Training FLOPs per token = 6 * (active non-embedding params + LM head)
++ 12 * layers * seq * attention width (PaLM's formula, no causal discount). Shapes: `0.3b` (ERNIE-4.5-0.3B),
+`moe` (a small ERNIE MoE with shared experts), `tiny` (a smoke test). Prints a table and one JSON line.
 
-    python benchmarks/bench_train.py [--shape 0.3b|moe|tiny ...] [--batch 4] [--seq 512] [--steps 5] [--warmup 2]
-        [--dtype float32|bfloat16] [--threads N] [--prompt-frac 0.5]
+    python benchmarks/bench_train.py [--shape 0.3b|moe|tiny ...] [--batch 4] [--seq 512] [--steps 3] [--warmup 2]
+        [--rounds 2] [--dtype float32|bfloat16] [--threads N] [--prompt-frac 0.5] [--hf-retain-memory]
 
 `--prompt-frac F`: the first F of every row is prompt (no loss), as in SFT; both sides get the same labels
 (transformers -100, ours the loss mask); ours then skips the LM head on those positions. MFU counts the full
@@ -29,6 +32,8 @@ import argparse
 import json
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -37,6 +42,7 @@ import torch
 from ernie45.checkpoint import load_model
 from ernie45.training.config import config_from_dict
 from ernie45.training.forward import TrainingModel
+from ernie45.training.host_memory import retain_freed_memory
 from ernie45.training.objectives import Objective, counts
 from ernie45.training.optim import build_optimizer
 
@@ -99,46 +105,35 @@ def flops_per_token(model, seq: int) -> float:
     return 6 * total + 12 * cfg.num_hidden_layers * seq * attn_width
 
 
-def timed(step) -> float:
-    t0 = time.perf_counter()
-    step()
-    return time.perf_counter() - t0
-
-
-def paired_times(step_a, step_b, pairs: int, warmup: int) -> tuple[list[float], list[float]]:
-    """Step times of a and b measured in adjacent pairs, the order alternating (ab, ba, ab, ...): this machine's
-    speed drifts by +-20% over minutes, and a pair sees the same drift on both sides."""
-    for _ in range(warmup):
-        step_a()
-        step_b()
-    times_a, times_b = [], []
-    for i in range(pairs):
-        if i % 2 == 0:
-            times_a.append(timed(step_a))
-            times_b.append(timed(step_b))
-        else:
-            times_b.append(timed(step_b))
-            times_a.append(timed(step_a))
-    return times_a, times_b
-
-
-def bench_shape(shape: str, args: argparse.Namespace, dtype: torch.dtype, peak: float) -> dict:
-    """One shape: both training steps timed in adjacent pairs; tokens/s, MFU and the ratio."""
+def make_step(side: str, shape: str, args: argparse.Namespace, dtype: torch.dtype):
+    """(one training step of `side`, its first loss under no_grad, the shape's FLOPs per token, MoE?)."""
     hf, ours, moe = build_models(shape, dtype)
+    fpt = flops_per_token(ours, args.seq)
     ids = torch.randint(3, hf.config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
+    prompt = max(1, int(args.prompt_frac * args.seq))  # SFT-like rows: no loss on the first `prompt` tokens
+    if side == "hf":
+        ours = None  # only transformers' copy stays in this process
+        labels = ids.clone()
+        labels[:, :prompt] = -100  # transformers shifts labels itself: label t is the target of position t - 1
+        opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-5)  # a plain loop's default (per-tensor on the CPU)
+
+        def step_hf():
+            hf(input_ids=ids, labels=labels).loss.backward()
+            opt_hf.step()
+            opt_hf.zero_grad(set_to_none=True)
+
+        with torch.no_grad():
+            loss = float(hf(input_ids=ids, labels=labels).loss)
+        return step_hf, loss, fpt, moe
+    hf = None  # only ours' copy stays in this process
     batch = {"input_ids": ids, "positions": torch.arange(args.seq).expand_as(ids).contiguous(),
              "segment_ids": torch.zeros_like(ids), "loss_mask": torch.ones_like(ids, dtype=torch.bool)}
-    prompt = max(1, int(args.prompt_frac * args.seq))  # SFT-like rows: no loss on the first `prompt` tokens
     batch["loss_mask"][:, :prompt] = False
-    labels = ids.clone()
-    labels[:, :prompt] = -100  # transformers shifts labels itself: label t is the target of position t - 1
     cfg = config_from_dict({"model_name_or_path": "bench", "train_dataset_path": "bench", "stage": "PT",
                             "train_dataset_type": "text", "multi_token_pred_lambda": 0.0, "learning_rate": 1e-5})
-    module = TrainingModel(ours)
-    objective = Objective(cfg, module, ours, n_micro=1)
+    objective = Objective(cfg, TrainingModel(ours), ours, n_micro=1)
     denom = counts(batch, cfg, 0)
     opt_ours = build_optimizer(ours, cfg)  # the trainer's: ERNIE's parameter groups, the fused AdamW kernel
-    opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-5)  # a plain loop's default (per-tensor on the CPU)
 
     def step_ours():
         loss, _ = objective(batch, denom)
@@ -146,27 +141,53 @@ def bench_shape(shape: str, args: argparse.Namespace, dtype: torch.dtype, peak: 
         opt_ours.step()
         opt_ours.zero_grad(set_to_none=True)
 
-    def step_hf():
-        hf(input_ids=ids, labels=labels).loss.backward()
-        opt_hf.step()
-        opt_hf.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        loss = float(objective(batch, denom)[0])
+    return step_ours, loss, fpt, moe
 
-    with torch.no_grad():  # same weights, same batch: the two losses agree before anything is timed
-        loss_ours = float(objective(batch, denom)[0])
-        loss_hf = float(hf(input_ids=ids, labels=labels).loss)
-    t_hf, t_ours = paired_times(step_hf, step_ours, args.steps, args.warmup)
+
+def worker(args: argparse.Namespace) -> None:
+    """One side in this process, set up as its users run it: ours as `ernie45 train` does (`retain_freed_memory`),
+    transformers as a plain script (glibc's default malloc policy, unless --hf-retain-memory). Prints one JSON line."""
+    if args.worker == "ours" or args.hf_retain_memory:
+        retain_freed_memory()
+    step, loss, fpt, moe = make_step(args.worker, args.shape[0], args, DTYPES[args.dtype])
+    for _ in range(args.warmup):
+        step()
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    print(json.dumps({"side": args.worker, "loss": loss, "flops_per_token": fpt, "moe": moe, "step_s": times}))
+
+
+def run_worker(side: str, shape: str, argv: list[str]) -> dict:
+    cmd = [sys.executable, __file__, "--worker", side, "--shape", shape, *argv]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def bench_shape(shape: str, args: argparse.Namespace, argv: list[str], peak: float) -> dict:
+    """One shape: `--rounds` rounds, each one process per side (the order alternating: hf ours, ours hf, ...; this
+    machine's speed drifts by +-20% over minutes); tokens/s from the median step of each side; the ratio per round
+    from the two medians of that round."""
+    runs: dict[str, list[dict]] = {"hf": [], "ours": []}
+    for r in range(args.rounds):
+        for side in (("hf", "ours") if r % 2 == 0 else ("ours", "hf")):
+            runs[side].append(run_worker(side, shape, argv))
+    steps = {side: [t for run in rs for t in run["step_s"]] for side, rs in runs.items()}
+    per_round = [statistics.median(h["step_s"]) / statistics.median(o["step_s"]) for h, o in zip(runs["hf"], runs["ours"])]
     tokens = args.batch * args.seq
-    fpt = flops_per_token(ours, args.seq)
-    med_hf, med_ours = statistics.median(t_hf), statistics.median(t_ours)
-    row = {"shape": shape, "moe": moe, "batch": args.batch, "seq": args.seq, "dtype": args.dtype,
-           "prompt_frac": args.prompt_frac,
-           "ours_tokens_per_s": tokens / med_ours, "hf_tokens_per_s": tokens / med_hf,
-           "speedup": statistics.median(h / o for h, o in zip(t_hf, t_ours)),
-           "speedup_min": min(h / o for h, o in zip(t_hf, t_ours)), "speedup_max": max(h / o for h, o in zip(t_hf, t_ours)),
-           "ours_mfu": tokens / med_ours * fpt / peak, "hf_mfu": tokens / med_hf * fpt / peak,
-           "flops_per_token": fpt, "loss_ours": loss_ours, "loss_hf": loss_hf,
-           "ours_step_s": t_ours, "hf_step_s": t_hf}
-    return row
+    fpt = runs["ours"][0]["flops_per_token"]
+    med_hf, med_ours = statistics.median(steps["hf"]), statistics.median(steps["ours"])
+    return {"shape": shape, "moe": runs["ours"][0]["moe"], "batch": args.batch, "seq": args.seq, "dtype": args.dtype,
+            "prompt_frac": args.prompt_frac, "hf_retain_memory": args.hf_retain_memory,
+            "ours_tokens_per_s": tokens / med_ours, "hf_tokens_per_s": tokens / med_hf, "speedup": med_hf / med_ours,
+            "speedup_per_round": per_round, "ours_mfu": tokens / med_ours * fpt / peak,
+            "hf_mfu": tokens / med_hf * fpt / peak, "flops_per_token": fpt,
+            "loss_ours": runs["ours"][0]["loss"], "loss_hf": runs["hf"][0]["loss"],
+            "ours_step_s": steps["ours"], "hf_step_s": steps["hf"]}
 
 
 def main() -> None:
@@ -174,26 +195,38 @@ def main() -> None:
     ap.add_argument("--shape", nargs="+", default=["0.3b", "moe"], choices=sorted(SHAPES))
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=512)
-    ap.add_argument("--steps", type=int, default=5, help="timed pairs of steps (one of each side per pair)")
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per side per round")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per process first (steady state: the third)")
+    ap.add_argument("--rounds", type=int, default=2, help="processes per side (order alternating)")
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--prompt-frac", type=float, default=0.0,
                     help="fraction of each row that is prompt (no loss), as in SFT data; 0 = pretraining")
+    ap.add_argument("--hf-retain-memory", action="store_true",
+                    help="control: give transformers' process the malloc policy ours runs with")
+    ap.add_argument("--worker", choices=["ours", "hf"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.worker:
+        worker(args)
+        return
+    argv = [f"--batch={args.batch}", f"--seq={args.seq}", f"--steps={args.steps}", f"--warmup={args.warmup}",
+            f"--dtype={args.dtype}", f"--prompt-frac={args.prompt_frac}"]
+    argv += [f"--threads={args.threads}"] if args.threads else []
+    argv += ["--hf-retain-memory"] if args.hf_retain_memory else []
     dtype = DTYPES[args.dtype]
     peak = matmul_peak(dtype)
-    results = [bench_shape(shape, args, dtype, peak) for shape in args.shape]
+    results = [bench_shape(shape, args, argv, peak) for shape in args.shape]
     print(f"matmul peak ({args.dtype}, {torch.get_num_threads()} threads): {peak / 1e9:.1f} GFLOP/s")
-    print(f"{'shape':6} {'ours tok/s':>11} {'hf tok/s':>10} {'ratio':>6} {'range':>11} {'ours MFU':>9} {'hf MFU':>8} "
-          f"{'loss ours/hf':>16}")
+    print(f"{'shape':6} {'ours tok/s':>11} {'hf tok/s':>10} {'ratio':>6} {'per round':>14} {'ours MFU':>9} "
+          f"{'hf MFU':>8} {'loss ours/hf':>16}")
     for r in results:
+        rounds = " ".join(f"{x:.2f}" for x in r["speedup_per_round"])
         print(f"{r['shape']:6} {r['ours_tokens_per_s']:11.1f} {r['hf_tokens_per_s']:10.1f} {r['speedup']:6.2f} "
-              f"{r['speedup_min']:5.2f}-{r['speedup_max']:<5.2f} {r['ours_mfu']:9.1%} {r['hf_mfu']:8.1%} "
-              f"{r['loss_ours']:8.4f}/{r['loss_hf']:.4f}")
-    print("tok/s from the median step time; ratio: median over pairs of adjacent steps (range: min-max over pairs)")
+              f"{rounds:>14} {r['ours_mfu']:9.1%} {r['hf_mfu']:8.1%} {r['loss_ours']:8.4f}/{r['loss_hf']:.4f}")
+    print("tok/s and ratio from the median step of each side over all rounds; per round: the ratio of that round's "
+          "medians" + ("; transformers ran with ours' malloc policy (control)" if args.hf_retain_memory else ""))
     print("target: ours >= 1.2x transformers' tokens/s")
     print(json.dumps({"bench": "train", "peak_flops": peak, "threads": torch.get_num_threads(),
                       "machine": platform.processor() or platform.machine(), "torch": torch.__version__,

@@ -13,8 +13,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..training import load_config, train
+    from ..training.host_memory import retain_freed_memory
 
     cfg = load_config(args.config, args.overrides)
+    retain_freed_memory()  # this process only trains: keep its activation memory mapped between steps
     result = train(cfg)
     print(f"trained {result['steps']} steps; outputs in {cfg.output_dir}")
     return 0
