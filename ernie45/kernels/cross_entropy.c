@@ -69,18 +69,20 @@ static float row_logsumexp(const void *row, int dtype, int64_t V) {
     return top + logf(total);
 }
 
-static int targets_valid(const int64_t *targets, int64_t M, int64_t V, int64_t ignore) {
+/* What both entry points refuse: another dtype, an empty vocabulary, a target outside [0, V) that is not `ignore`. */
+static int check_arguments(int dtype, int64_t M, int64_t V, const int64_t *targets, int64_t ignore) {
+    if (!valid_dtype(dtype)) return CE_BAD_DTYPE;
+    if (M < 0 || V <= 0) return CE_BAD_SHAPE;
     for (int64_t m = 0; m < M; ++m)
-        if (targets[m] != ignore && (targets[m] < 0 || targets[m] >= V)) return 0;
-    return 1;
+        if (targets[m] != ignore && (targets[m] < 0 || targets[m] >= V)) return CE_BAD_TARGET;
+    return CE_OK;
 }
 
 /* loss[m] and lse[m] (fp32) for M rows of V logits. */
 int ernie45_cross_entropy_forward(const void *logits, int dtype, int64_t M, int64_t V, const int64_t *targets,
                                   int64_t ignore, float *loss, float *lse, int threads) {
-    if (!valid_dtype(dtype)) return CE_BAD_DTYPE;
-    if (M < 0 || V <= 0) return CE_BAD_SHAPE;
-    if (!targets_valid(targets, M, V, ignore)) return CE_BAD_TARGET;
+    const int status = check_arguments(dtype, M, V, targets, ignore);
+    if (status != CE_OK) return status;
     const size_t row_bytes = (size_t)V * (dtype == DTYPE_F32 ? 4 : 2);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t m = 0; m < M; ++m) {
@@ -101,9 +103,8 @@ int ernie45_cross_entropy_forward(const void *logits, int dtype, int64_t M, int6
  * `ignore` become zeros). `lse` comes from the forward over the same, unmodified logits. */
 int ernie45_cross_entropy_backward(void *logits, int dtype, int64_t M, int64_t V, const int64_t *targets,
                                    int64_t ignore, const float *lse, const float *grad, int threads) {
-    if (!valid_dtype(dtype)) return CE_BAD_DTYPE;
-    if (M < 0 || V <= 0) return CE_BAD_SHAPE;
-    if (!targets_valid(targets, M, V, ignore)) return CE_BAD_TARGET;
+    const int status = check_arguments(dtype, M, V, targets, ignore);
+    if (status != CE_OK) return status;
     const size_t row_bytes = (size_t)V * (dtype == DTYPE_F32 ? 4 : 2);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t m = 0; m < M; ++m) {
