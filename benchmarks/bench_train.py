@@ -8,6 +8,8 @@ Same config, weights, batch, dtype and optimizer (AdamW) for both; random token 
 - transformers: `Ernie4_5(_Moe)ForCausalLM(input_ids, labels=input_ids).loss` + backward + `torch.optim.AdamW`
   with its defaults (the per-tensor loop on the CPU), in a plain Python process, as a plain PyTorch loop would.
   `--hf-retain-memory` gives it ours' malloc policy too: the control that separates that policy from the code.
+  Ours' fp32 GEMMs run on OpenBLAS where `ERNIE45_BLAS=auto` picks it (AMD CPUs; kernels/blas.py);
+  `--ours-blas torch` keeps them on torch's matmul: the control that separates the GEMM library from the rest.
 
 Each side runs in its own process (the malloc policy is per process), `--rounds` times, the order alternating;
 every process runs `--warmup` untimed steps, then `--steps` timed ones. Reports tokens/s from the median step of
@@ -18,6 +20,7 @@ GEMM, best of a few runs before and after). Training FLOPs per token = 6 * (acti
 
     python benchmarks/bench_train.py [--shape 0.3b|moe|tiny ...] [--batch 4] [--seq 512] [--steps 3] [--warmup 2]
         [--rounds 2] [--dtype float32|bfloat16] [--threads N] [--prompt-frac 0.5] [--hf-retain-memory]
+        [--ours-blas auto|openblas|torch]
 
 `--prompt-frac F`: the first F of every row is prompt (no loss), as in SFT; both sides get the same labels
 (transformers -100, ours the loss mask); ours then skips the LM head on those positions. MFU counts the full
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -40,6 +44,7 @@ import time
 import torch
 
 from ernie45.checkpoint import load_model
+from ernie45.kernels import blas
 from ernie45.training.config import config_from_dict
 from ernie45.training.forward import TrainingModel
 from ernie45.training.host_memory import retain_freed_memory
@@ -64,16 +69,21 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 1.0) -> float:
-    """Best observed FLOP/s of an n x n x n GEMM in `dtype`."""
+    """Best observed FLOP/s of an n x n x n GEMM in `dtype`: torch's matmul, or OpenBLAS's (kernels.blas) where ours
+    uses it and it is faster (MFU is then against the fastest GEMM this machine has shown)."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
+    products = [lambda: a @ b]
+    if blas.mm(a, b) is not None:
+        products.append(lambda: blas.mm(a, b))
     best = 0.0
-    for _ in range(3):
-        reps, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds / 3:
-            a @ b
-            reps += 1
-        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0))
+    for product in products:
+        product()
+        for _ in range(3):
+            reps, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < seconds / 3:
+                product()
+                reps += 1
+            best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0))
     return best
 
 
@@ -151,6 +161,7 @@ def worker(args: argparse.Namespace) -> None:
     transformers as a plain script (glibc's default malloc policy, unless --hf-retain-memory). Prints one JSON line."""
     if args.worker == "ours" or args.hf_retain_memory:
         retain_freed_memory()
+    os.environ["ERNIE45_BLAS"] = args.ours_blas  # read by ours' linear layers only
     step, loss, fpt, moe = make_step(args.worker, args.shape[0], args, DTYPES[args.dtype])
     for _ in range(args.warmup):
         step()
@@ -159,7 +170,8 @@ def worker(args: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    print(json.dumps({"side": args.worker, "loss": loss, "flops_per_token": fpt, "moe": moe, "step_s": times}))
+    print(json.dumps({"side": args.worker, "loss": loss, "flops_per_token": fpt, "moe": moe, "step_s": times,
+                      "gemm": blas.describe() if args.worker == "ours" else "torch"}))
 
 
 def run_worker(side: str, shape: str, argv: list[str]) -> dict:
@@ -186,7 +198,7 @@ def bench_shape(shape: str, args: argparse.Namespace, argv: list[str], peak: flo
             "ours_tokens_per_s": tokens / med_ours, "hf_tokens_per_s": tokens / med_hf, "speedup": med_hf / med_ours,
             "speedup_per_round": per_round, "ours_mfu": tokens / med_ours * fpt / peak,
             "hf_mfu": tokens / med_hf * fpt / peak, "flops_per_token": fpt,
-            "loss_ours": runs["ours"][0]["loss"], "loss_hf": runs["hf"][0]["loss"],
+            "loss_ours": runs["ours"][0]["loss"], "loss_hf": runs["hf"][0]["loss"], "ours_gemm": runs["ours"][0]["gemm"],
             "ours_step_s": steps["ours"], "hf_step_s": steps["hf"]}
 
 
@@ -204,6 +216,8 @@ def main() -> None:
                     help="fraction of each row that is prompt (no loss), as in SFT data; 0 = pretraining")
     ap.add_argument("--hf-retain-memory", action="store_true",
                     help="control: give transformers' process the malloc policy ours runs with")
+    ap.add_argument("--ours-blas", default="auto", choices=blas.CHOICES,
+                    help="ours' GEMM library (ERNIE45_BLAS); torch = the control without OpenBLAS")
     ap.add_argument("--worker", choices=["ours", "hf"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads:
@@ -215,7 +229,9 @@ def main() -> None:
             f"--dtype={args.dtype}", f"--prompt-frac={args.prompt_frac}"]
     argv += [f"--threads={args.threads}"] if args.threads else []
     argv += ["--hf-retain-memory"] if args.hf_retain_memory else []
+    argv += [f"--ours-blas={args.ours_blas}"]
     dtype = DTYPES[args.dtype]
+    os.environ["ERNIE45_BLAS"] = args.ours_blas  # the peak counts OpenBLAS only where ours uses it
     # This VM's speed drifts: the peak is the best of a measurement before and one after the runs.
     peak_before = matmul_peak(dtype)
     results = [bench_shape(shape, args, argv, 1.0) for shape in args.shape]
@@ -229,6 +245,7 @@ def main() -> None:
         rounds = " ".join(f"{x:.2f}" for x in r["speedup_per_round"])
         print(f"{r['shape']:6} {r['ours_tokens_per_s']:11.1f} {r['hf_tokens_per_s']:10.1f} {r['speedup']:6.2f} "
               f"{rounds:>14} {r['ours_mfu']:9.1%} {r['hf_mfu']:8.1%} {r['loss_ours']:8.4f}/{r['loss_hf']:.4f}")
+    print("ours' GEMMs: " + ", ".join(sorted({r["ours_gemm"] for r in results})))
     print("tok/s and ratio from the median step of each side over all rounds; per round: the ratio of that round's "
           "medians" + ("; transformers ran with ours' malloc policy (control)" if args.hf_retain_memory else ""))
     print("target: ours >= 1.2x transformers' tokens/s")

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..kernels import decode_ops
 from ..kernels import gemv as gemv_kernel
+from . import training_linear
 
 # Below this many rows a half-precision matmul is a memory-bound GEMV, where half-precision storage wins (half the
 # bytes); above it the matmul is compute-bound, and CPUs without native bf16/fp16 arithmetic are 10-100x slower in
@@ -40,7 +41,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
     - <= 16 rows without autograd (decode): our GEMV kernel, which streams the weight once at close to memory
       bandwidth (torch's small-M matmuls reach about half of it);
-    - many rows, half-precision weight, CPU without half arithmetic (prefill): the weight is upcast to fp32.
+    - many rows, half-precision weight, CPU without half arithmetic (prefill): the weight is upcast to fp32;
+    - under autograd in fp32 (training): `training_linear`, whose GEMMs run on OpenBLAS where it is faster than
+      torch's (kernels.blas; `ERNIE45_BLAS` chooses).
     """
     if weight.device.type != "cpu":
         return F.linear(x, weight, bias)
@@ -57,6 +60,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             # here (benchmarks/results/2026-11-27-engine-throughput.md).
             out = torch.cat([gemv_kernel.gemv(x2d[i : i + chunk], weight, bias) for i in range(0, rows, chunk)])
             return out.view(*x.shape[:-1], weight.shape[0])
+    if needs_grad and training_linear.takes(x, weight, bias):
+        return training_linear.linear(x, weight, bias)
     if weight.dtype in (torch.bfloat16, torch.float16) and rows > _HALF_GEMV_MAX_ROWS and not cpu_has_fast_half(weight.dtype):
         return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
     return F.linear(x, weight, bias)

@@ -24,7 +24,8 @@ def tied_weight_gradient(model_dir, sparse: bool) -> torch.Tensor:
 def test_tied_embedding_gradient_equals_the_dense_path(tiny_dense):
     dense = tied_weight_gradient(tiny_dense, sparse=False)
     sparse = tied_weight_gradient(tiny_dense, sparse=True)
-    torch.testing.assert_close(sparse, dense, rtol=1e-6, atol=1e-9)
+    # The two paths sum a row's contributions in different orders: equal up to fp32 rounding of the largest terms.
+    torch.testing.assert_close(sparse, dense, rtol=1e-6, atol=1e-8 * float(dense.abs().max()))
     assert dense[3:500].abs().sum() > 0
 
 
