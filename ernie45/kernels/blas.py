@@ -104,6 +104,14 @@ def enabled() -> bool:
     return _library() is not None
 
 
+def sgemm_address() -> int:
+    """The address of OpenBLAS's `cblas_sgemm` (single-threaded here) for C kernels that call it on blocks of their
+    own inside torch's threads (kernels/causal_attention.c). Only when `enabled()`."""
+    if not enabled():
+        raise RuntimeError("OpenBLAS is not enabled in this process (ERNIE45_BLAS, or it failed to load)")
+    return _library().sgemm_address
+
+
 def describe() -> str:
     """One line for logs and benchmarks: which GEMM training's linear layers use."""
     if not enabled():
