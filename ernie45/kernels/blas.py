@@ -64,6 +64,7 @@ def _cpu_vendor() -> str:
     return line.partition(":")[2].strip()
 
 
+@functools.cache
 def auto_prefers_openblas() -> bool:
     """The `auto` rule: an x86-64 AMD CPU, and torch multiplying with MKL (measured slower there)."""
     return (platform.machine() in ("x86_64", "AMD64") and _cpu_vendor() == "AuthenticAMD"
@@ -95,7 +96,8 @@ def _library() -> _Library | None:
 
 
 def enabled() -> bool:
-    """Whether `mm` multiplies with OpenBLAS in this process (by `ERNIE45_BLAS` and what loads)."""
+    """Whether `mm` multiplies with OpenBLAS in this process (by `ERNIE45_BLAS` and what loads). Cheap: called for
+    every product (the CPU rule and the library are looked up once)."""
     if os.environ.get("ERNIE45_DISABLE_KERNELS") == "1":
         return False
     wanted = choice()
