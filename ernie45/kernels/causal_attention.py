@@ -52,10 +52,10 @@ def _library() -> _Library | None:
 
 
 def takes(q_BTND: torch.Tensor, k_BTKD: torch.Tensor, v_BTKD: torch.Tensor) -> bool:
-    """CPU fp32 plain [B, T, N, D] / [B, T, K, D] tensors, N a multiple of K, each head's row contiguous, and the
-    kernel enabled and built."""
+    """CPU fp32 plain [B, T, N, D] / [B, T, K, D] tensors, N a multiple of K, each head's row contiguous, no
+    autocast (torch's attention would compute in its dtype), and the kernel enabled and built."""
     ts = (q_BTND, k_BTKD, v_BTKD)
-    if not all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.dtype == torch.float32 and t.is_cpu
+    if torch.is_autocast_enabled("cpu") or not all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.dtype == torch.float32 and t.is_cpu
                and t.dim() == 4 for t in ts):  # fmt: skip
         return False
     (B, T, N, D), (Bk, Tk, K, Dk) = q_BTND.shape, k_BTKD.shape

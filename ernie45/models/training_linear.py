@@ -13,9 +13,10 @@ from ..kernels import blas
 
 
 def takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """CPU fp32 plain tensors, a 2-D weight, at least one row, and OpenBLAS enabled (`kernels.blas.enabled`)."""
+    """CPU fp32 plain tensors, a 2-D weight, at least one row, no autocast (F.linear would compute in its dtype),
+    and OpenBLAS enabled (`kernels.blas.enabled`)."""
     return (
-        weight.dim() == 2 and x.dim() >= 1 and x.shape[-1] == weight.shape[1] and x.numel() > 0
+        not torch.is_autocast_enabled(x.device.type) and weight.dim() == 2 and x.dim() >= 1 and x.shape[-1] == weight.shape[1] and x.numel() > 0
         and (bias is None or (bias.dtype == torch.float32 and type(bias) in (torch.Tensor, torch.nn.Parameter)))
         and blas.takes(x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x, weight.t())
     )  # fmt: skip

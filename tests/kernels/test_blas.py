@@ -124,3 +124,12 @@ def test_layers_linear_routes_autograd_products_only():
         assert linear(x, w).grad_fn is None
     assert not training_linear.takes(x.double(), w.detach().double(), None)
     assert not training_linear.takes(x, w, torch.randn(48, dtype=torch.float64))
+
+
+def test_autocast_keeps_torch_linear():
+    """compute_type bf16 (CPU autocast): the product stays F.linear's, computed and returned in bf16."""
+    x = torch.randn(80, 32, requires_grad=True)
+    w = torch.nn.Parameter(torch.randn(48, 32))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not training_linear.takes(x, w, None)
+        assert linear(x, w).dtype == torch.bfloat16

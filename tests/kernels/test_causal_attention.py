@@ -83,3 +83,9 @@ def test_causal_attention_backend_routes_training_without_packing_only():
     assert type(packed.attend(0, q, k, v, 0.25).grad_fn).__name__ != "_CausalAttentionBackward"
     with torch.no_grad():
         assert CausalAttention().attend(0, q, k, v, 0.25).grad_fn is None
+
+
+def test_autocast_keeps_torch_attention():
+    _, q, k, v = fused_projection_views(1, 8, 4, 2, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not causal_attention.takes(q, k, v)
