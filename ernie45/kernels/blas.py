@@ -8,8 +8,8 @@ AVX-512 kernels reach 180-195 (benchmarks/results/2026-11-28-train.md), and trai
 (OpenBLAS's own thread pool would fight torch's for the cores).
 
 Which GEMM runs, by `ERNIE45_BLAS`:
-- `auto` (default): OpenBLAS on x86-64 AMD CPUs when torch's BLAS is MKL, torch's matmul elsewhere (on Intel CPUs
-  MKL is tuned; elsewhere this was not measured);
+- `auto` (default): OpenBLAS on x86-64 AMD CPUs with AVX-512 when torch's BLAS is MKL, torch's matmul elsewhere
+  (on Intel CPUs MKL is tuned; other CPUs were not measured);
 - `openblas`: OpenBLAS wherever it loads; `torch`: never OpenBLAS.
 `ERNIE45_DISABLE_KERNELS=1` turns it off too. When OpenBLAS or the C compiler is missing, `mm` returns None and
 callers use torch's matmul.
@@ -55,10 +55,11 @@ def choice() -> str:
     return value
 
 
-def _cpu_vendor() -> str:
+def _cpuinfo_field(name: str) -> str:
+    """The first `name : value` of /proc/cpuinfo ('' where there is none)."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
-            line = next((line for line in f if line.startswith("vendor_id")), "")
+            line = next((line for line in f if line.startswith(name)), "")
     except OSError:
         return ""
     return line.partition(":")[2].strip()
@@ -66,9 +67,10 @@ def _cpu_vendor() -> str:
 
 @functools.cache
 def auto_prefers_openblas() -> bool:
-    """The `auto` rule: an x86-64 AMD CPU, and torch multiplying with MKL (measured slower there)."""
-    return (platform.machine() in ("x86_64", "AMD64") and _cpu_vendor() == "AuthenticAMD"
-            and torch.backends.mkl.is_available())  # fmt: skip
+    """The `auto` rule: an x86-64 AMD CPU with AVX-512 (Zen 4 and later: OpenBLAS's AVX-512 kernels, where MKL
+    takes its generic path), and torch multiplying with MKL. The case measured; elsewhere torch's GEMM stays."""
+    return (platform.machine() in ("x86_64", "AMD64") and _cpuinfo_field("vendor_id") == "AuthenticAMD"
+            and "avx512f" in _cpuinfo_field("flags").split() and torch.backends.mkl.is_available())  # fmt: skip
 
 
 @functools.cache

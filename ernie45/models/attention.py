@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import Ernie45Config
 from ..kernels import causal_attention, decode_ops
+from .config import Ernie45Config
 from .layers import Linear, apply_rotary, shared_input_projections
 
 

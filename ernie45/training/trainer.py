@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import load_model, save_model
+from ..kernels import blas
 from ..models.layers import cpu_has_fast_half
 from ..quant.qat import convert_qat, prepare_qat
 from ..tokenizer import load_tokenizer
@@ -63,6 +64,8 @@ class Trainer:
         if cfg.accepted_hints and self.info.is_main:
             print("config: accepted with no effect here (Paddle kernel / loader / logging options, or the default "
                   "of a feature not implemented): " + ", ".join(f"{k}={v}" for k, v in cfg.accepted_hints.items()))
+        if self.info.device.type == "cpu" and self.info.is_main:
+            print(f"CPU fp32 GEMMs: {blas.describe()} (ERNIE45_BLAS)")
         seed_everything(cfg.seed)
         self.tokenizer = load_tokenizer(_resolve(cfg.model_name_or_path))
         base = load_model(cfg.model_name_or_path, dtype="float32", device=self.info.device)
