@@ -23,6 +23,7 @@
 #include <string.h>
 
 #include "fast_exp.h"
+#include "lane_reduce.h"
 
 typedef void (*cblas_sgemm_fn)(int layout, int trans_a, int trans_b, int m, int n, int k, float alpha,
                                const float *a, int lda, const float *b, int ldb, float beta, float *c, int ldc);
@@ -67,20 +68,11 @@ INLINE int visible(int t, int j0, int nk) {
   return n < 0 ? 0 : (n > nk ? nk : n);
 }
 
-/* Independent lanes of the row reductions: the compiler turns each LANES-wide loop into vector code (a single
- * running max or sum is a dependency chain it may not reorder). */
-#define LANES 16
-
 static float row_max(const float *x, int n) {
   float lanes[LANES];
-  for (int j = 0; j < LANES; ++j) lanes[j] = -INFINITY;
-  int c = 0;
-  for (; c + LANES <= n; c += LANES)
-    for (int j = 0; j < LANES; ++j) lanes[j] = x[c + j] > lanes[j] ? x[c + j] : lanes[j];
-  for (; c < n; ++c) lanes[0] = x[c] > lanes[0] ? x[c] : lanes[0];
-  float top = lanes[0];
-  for (int j = 1; j < LANES; ++j) top = lanes[j] > top ? lanes[j] : top;
-  return top;
+  lanes_fill(lanes, -INFINITY);
+  lanes_max(lanes, x, n);
+  return lanes_top(lanes);
 }
 
 /* x[c] <- e^(x[c] - top) for c < n; returns their sum. */
@@ -96,9 +88,7 @@ static float exp_and_sum(float *x, int n, float top) {
     x[c] = exp_f32(x[c] - top);
     lanes[0] += x[c];
   }
-  float sum = 0.0f;
-  for (int j = 0; j < LANES; ++j) sum += lanes[j];
-  return sum;
+  return lanes_total(lanes);
 }
 
 /* One (b, kv head, query block) of the forward. Work buffers: q_blk [R, D], acc [R, D], p [R, BK], m, l [R]. */

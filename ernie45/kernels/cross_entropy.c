@@ -17,13 +17,12 @@
 
 #include "scalar_types.h"
 #include "fast_exp.h"
+#include "lane_reduce.h"
 
 enum { CE_OK = 0, CE_BAD_DTYPE = 1, CE_BAD_SHAPE = 2, CE_BAD_TARGET = 3 };
 
 /* Logits handled per step of a row pass (a bf16 block is widened into a stack buffer of this many floats). */
 #define BLOCK 512
-/* Independent lanes of the max and sum reductions (the compiler turns each 16-lane loop into vector code). */
-#define LANES 16
 
 static int valid_dtype(int dtype) { return dtype == DTYPE_F32 || dtype == DTYPE_BF16; }
 
@@ -38,18 +37,12 @@ INLINE const float *row_block(const void *row, int dtype, int64_t i0, int64_t n,
 /* max over the row; a NaN does not win the max but makes the sum of exponentials (and so the loss) NaN. */
 static float row_max(const void *row, int dtype, int64_t V) {
     float buf[BLOCK], lanes[LANES];
-    for (int j = 0; j < LANES; ++j) lanes[j] = -INFINITY;
+    lanes_fill(lanes, -INFINITY);
     for (int64_t i0 = 0; i0 < V; i0 += BLOCK) {
         const int64_t n = V - i0 < BLOCK ? V - i0 : BLOCK;
-        const float *x = row_block(row, dtype, i0, n, buf);
-        int64_t i = 0;
-        for (; i + LANES <= n; i += LANES)
-            for (int j = 0; j < LANES; ++j) lanes[j] = x[i + j] > lanes[j] ? x[i + j] : lanes[j];
-        for (; i < n; ++i) lanes[0] = x[i] > lanes[0] ? x[i] : lanes[0];
+        lanes_max(lanes, row_block(row, dtype, i0, n, buf), n);
     }
-    float top = lanes[0];
-    for (int j = 1; j < LANES; ++j) top = lanes[j] > top ? lanes[j] : top;
-    return top;
+    return lanes_top(lanes);
 }
 
 /* log sum_v e^x[v], as max + log sum e^(x - max). */
@@ -64,9 +57,7 @@ static float row_logsumexp(const void *row, int dtype, int64_t V) {
             for (int j = 0; j < LANES; ++j) lanes[j] += exp_f32(x[i + j] - top);
         for (; i < n; ++i) lanes[0] += exp_f32(x[i] - top);
     }
-    float total = 0.0f;
-    for (int j = 0; j < LANES; ++j) total += lanes[j];
-    return top + logf(total);
+    return top + logf(lanes_total(lanes));
 }
 
 /* What both entry points refuse: another dtype, an empty vocabulary, a target outside [0, V) that is not `ignore`. */
