@@ -173,7 +173,9 @@ class TrainConfig:
     lora_dropout: float = 0.0
     """Dropout on the LoRA input."""
     lora_target_modules: str | list = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-    """Linear module names (last name component) that get adapters; comma-separated or a list."""
+    """Linear module names (last name component) that get adapters, comma-separated or a list; on MoE models also
+    `experts` (the routed experts' stacked gate_up_proj and down_proj, PEFT `target_parameters`) or one of
+    `experts.gate_up_proj` / `experts.down_proj` (these need lora_dropout 0)."""
     # ### QAT
     qat: bool = False
     """Quantization-aware training: the `qat_targets` weights are fake-quantized (straight-through estimator) in
