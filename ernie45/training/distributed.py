@@ -108,8 +108,8 @@ def apply_fsdp(training_model: nn.Module, info: DistInfo) -> nn.Module:
     return training_model
 
 
-def apply_ddp(training_model: nn.Module, info: DistInfo) -> nn.Module:
+def apply_ddp(training_model: nn.Module, info: DistInfo, find_unused_parameters: bool = False) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(training_model, device_ids=[info.local_rank] if info.device.type == "cuda" else None,
-                                   find_unused_parameters=False)
+                                   find_unused_parameters=find_unused_parameters)

@@ -1,8 +1,10 @@
-"""The VL-SFT loop (stage VL-SFT): an ERNIE 4.5 VL checkpoint fine-tuned on multimodal chatml data, one process.
+"""The VL-SFT loop (stage VL-SFT): an ERNIE 4.5 VL checkpoint fine-tuned on multimodal chatml data, on one
+process or N (torchrun: DDP, each rank taking its share of every global batch).
 
-step = encode micro-batches (images processed as at inference) -> forward/backward each -> clip -> AdamW ->
-schedule -> per-modality aux-free bias update -> log; at the end the HF checkpoint (plus tokenizer and processor
-files) is written to output_dir. `freeze_vision` keeps the vision tower fixed.
+step = encode this rank's micro-batches (images processed as at inference) -> forward/backward each (gradients
+all-reduced on the last) -> clip -> AdamW -> schedule -> per-modality aux-free bias update (usage all-reduced) ->
+log (metrics summed over ranks); at the end rank 0 writes the HF checkpoint (plus tokenizer and processor files) to
+output_dir. `freeze_vision` keeps the vision tower fixed.
 """
 
 from __future__ import annotations
@@ -56,9 +58,6 @@ class VLTrainer:
         _check_supported(cfg)
         self.cfg = cfg
         self.info = D.init_distributed()
-        if self.info.enabled:
-            D.shutdown(self.info)
-            raise ConfigError("stage VL-SFT runs on one process; launch it without torchrun")
         self.run_dir = Path(cfg.output_dir)
         seed_everything(cfg.seed)
         source = _resolve(cfg.model_name_or_path)
@@ -75,20 +74,28 @@ class VLTrainer:
         self.module = VLTrainingModel(base, orthogonal_group=orth)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.module, cfg)
+        self.blocks = self.module.blocks
+        if self.info.enabled:
+            if cfg.fsdp and self.info.is_main:
+                print("VL-SFT on several processes: DDP (every rank holds the whole model; FSDP sharding is not "
+                      "implemented for VL models)")
+            # A micro-batch without images leaves the vision experts without gradient: DDP must look for those.
+            self.module = D.apply_ddp(self.module, self.info, find_unused_parameters=True)
 
         self.records = [r for path in split_list(cfg.train_dataset_path) for r in read_vl_records(path)]
         image_processor, video_processor = load_processors(source)
         self.encoder = VLEncoder(self.tokenizer, base.config, image_processor, video_processor, cfg.max_seq_len)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.global_batch = cfg.batch_size * cfg.gradient_accumulation_steps
+        self.rank_batch = cfg.batch_size * cfg.gradient_accumulation_steps
+        self.global_batch = self.rank_batch * self.info.world_size
         self.steps_per_epoch = max(1, len(self.records) // self.global_batch)
         if len(self.records) < self.global_batch:
             raise ConfigError(f"config: batch_size: {len(self.records)} VL-SFT samples are fewer than one step's "
-                              f"batch_size x gradient_accumulation_steps = {self.global_batch}")
+                              f"batch_size x gradient_accumulation_steps x processes = {self.global_batch}")
         self.total_steps = cfg.max_steps if cfg.max_steps > 0 else \
             max(1, math.ceil(cfg.num_train_epochs * self.steps_per_epoch))
         self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
-        self.objective = VLObjective(cfg, self.module, cfg.gradient_accumulation_steps)
+        self.objective = VLObjective(cfg, self.module, cfg.gradient_accumulation_steps * self.info.world_size)
         self.amp = autocast_dtype(cfg, self.info.device)
         self.step = 0
         self.history: list[dict] = []
@@ -98,9 +105,10 @@ class VLTrainer:
         return torch.randperm(len(self.records), generator=g).tolist()
 
     def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
-        """Step k of the run: the next global batch of a per-epoch shuffle (a partial tail is dropped)."""
+        """This rank's share of step k's global batch, the next of a per-epoch shuffle (a partial tail is dropped)."""
         epoch, k = divmod(step, self.steps_per_epoch)
-        order = self.sample_order(epoch)[k * self.global_batch : (k + 1) * self.global_batch]
+        start = k * self.global_batch + self.info.rank * self.rank_batch
+        order = self.sample_order(epoch)[start : start + self.rank_batch]
         bs = self.cfg.batch_size
         return [collate_vl([self.encoder.encode(self.records[i]) for i in order[j : j + bs]], self.pad_id)
                 for j in range(0, len(order), bs)]
@@ -110,38 +118,49 @@ class VLTrainer:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.info.device.type, dtype=self.amp)
 
+    def _sync_ctx(self, last: bool):
+        """DDP all-reduces gradients on the last micro-batch of a step only."""
+        if not self.info.enabled or last:
+            return contextlib.nullcontext()
+        return self.module.no_sync()
+
     def train_step(self) -> dict:
-        cfg, device = self.cfg, self.info.device
-        micro = [{k: v.to(device) for k, v in b.items()} for b in self.micro_batches(self.step)]
-        targets = sum(float((vl_targets(b) != IGNORE).sum()) for b in micro)
-        blocks = self.module.blocks
-        usage = [{m: torch.zeros(b.text_moe.gate.weight.shape[0], device=device) for m in MODALITIES} for b in blocks] \
-            if cfg.moe_use_aux_free and blocks else None
+        cfg, info = self.cfg, self.info
+        micro = [{k: v.to(info.device) for k, v in b.items()} for b in self.micro_batches(self.step)]
+        counted = D.reduce_dict({"targets": sum(float((vl_targets(b) != IGNORE).sum()) for b in micro),
+                                 "tokens": float(sum(int((b["segment_ids"] >= 0).sum()) for b in micro))}, info)
+        blocks = self.blocks
+        usage = [{m: torch.zeros(b.text_moe.gate.weight.shape[0], device=info.device) for m in MODALITIES}
+                 for b in blocks] if cfg.moe_use_aux_free and blocks else None
         sums: dict[str, float] = {}
-        for b in micro:
-            with self._autocast():
-                loss, metrics = self.objective(b, targets, usage)
-            loss.backward()
+        for i, b in enumerate(micro):
+            with self._sync_ctx(i == len(micro) - 1), self._autocast():
+                loss, metrics = self.objective(b, counted["targets"], usage)
+            # DDP averages gradients over ranks; the loss is already a global mean: undo the average.
+            (loss * info.world_size).backward()
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v
         lr, grad_norm = optimizer_step(self.params, self.optimizer, self.scheduler, cfg.max_grad_norm)
         if usage is not None:
             for block, u in zip(blocks, usage):
                 for modality, moe in (("text", block.text_moe), ("vision", block.vision_moe)):
+                    D.all_reduce_sum(u[modality], info)
                     if bool(u[modality].any()):
                         update_correction_bias(moe.moe_statics.e_score_correction_bias.data, u[modality],
                                                cfg.moe_use_aux_free_update_coef)
-        sums.update({"lr": lr, "grad_norm": grad_norm, "targets": targets,
-                     "tokens": float(sum(int((b["segment_ids"] >= 0).sum()) for b in micro))})
-        return sums
+        out = D.reduce_dict(sums, info)
+        out.update({"lr": lr, "grad_norm": grad_norm, **counted})
+        return out
 
     def train(self) -> dict:
         cfg = self.cfg
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-        if cfg.packing:
+        if self.info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        if cfg.packing and self.info.is_main:
             print("VL-SFT: each sample gets its own (right-padded) row; packing does not apply")
-        logger = MetricsLogger(self.run_dir, self.total_steps, self.step, True, not cfg.disable_tqdm)
+        logger = MetricsLogger(self.run_dir, self.total_steps, self.step, self.info.is_main,
+                               self.info.is_main and not cfg.disable_tqdm)
         while self.step < self.total_steps:
             m = self.train_step()
             self.step += 1
@@ -150,8 +169,10 @@ class VLTrainer:
                 logger.progress(cfg.logging_steps, {"loss": m["loss"]})
             self.history.append({"step": self.step, "loss": m["loss"]})
         logger.close()
-        self.save_outputs()
-        plot_run(self.run_dir)
+        if self.info.is_main:
+            self.save_outputs()
+            plot_run(self.run_dir)
+        D.barrier(self.info)
         return {"steps": self.step, "history": self.history, "eval": {}}
 
     def save_outputs(self) -> None:
@@ -170,4 +191,8 @@ class VLTrainer:
 
 
 def train_vl(cfg: TrainConfig) -> dict:
-    return VLTrainer(cfg).train()
+    trainer = VLTrainer(cfg)
+    try:
+        return trainer.train()
+    finally:
+        D.shutdown(trainer.info)

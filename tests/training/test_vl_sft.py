@@ -5,7 +5,13 @@ bad lines name file:line, and the exported checkpoint loads in ernie45 and trans
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
+import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -244,3 +250,35 @@ def test_loss_only_on_assistant_tokens(tiny_vl, vl_data):
     trained = tok.decode(s.input_ids_T[s.loss_mask_T].tolist(), skip_special_tokens=False)
     assert trained == "It is blue.<|end_of_sentence|>"
     assert s.positions_3T.shape == (3, len(s.input_ids_T))
+
+
+def test_two_process_vl_sft_matches_one_process(tmp_path, tiny_vl, vl_data):
+    """A real 2-process torchrun (gloo, DDP) on the same global batch gives the 1-process loss curve and final
+    weights. Aux and z losses are per-micro-batch statistics (so they depend on the split by design); the
+    orthogonal loss and the aux-free usage counts (all-reduced) do not."""
+    common = {"stage": "VL-SFT", "train_dataset_type": "chatml", "max_steps": 3, "max_seq_len": 128,
+              "freeze_vision": True, "moe_orthogonal_loss_lambda": 1e-3, "moe_use_aux_free": True}
+    one = train(make_config(tiny_vl, tmp_path / "one", vl_data, batch_size=2, gradient_accumulation_steps=2, **common))
+    cfg = make_config(tiny_vl, tmp_path / "two", vl_data, batch_size=1, gradient_accumulation_steps=2, **common)
+    cfg_path, result = tmp_path / "two.json", tmp_path / "two_result.json"
+    cfg_path.write_text(json.dumps(dataclasses.asdict(cfg)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(Path(__file__).with_name("dist_worker.py")), str(cfg_path), str(result)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        raise AssertionError("torchrun run timed out:\n" + output[-4000:]) from None
+    assert proc.returncode == 0, output[-4000:]
+    a = [h["loss"] for h in one["history"]]
+    b = [h["loss"] for h in json.loads(result.read_text())]
+    assert len(b) == 3 and a[-1] < a[0] and max(abs(x - y) for x, y in zip(a, b)) < 2e-5, (a, b)
+    one_sd = load_file(str(tmp_path / "one" / "model.safetensors"))
+    two_sd = load_file(str(tmp_path / "two" / "model.safetensors"))
+    assert one_sd.keys() == two_sd.keys()
+    for name, tensor in one_sd.items():
+        torch.testing.assert_close(two_sd[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
