@@ -3,18 +3,13 @@
 
 import dataclasses
 import json
-import os
-import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import torch
 
 from ernie45.checkpoint import load_model
 from ernie45.training import train
 
-from .helpers import make_config, sft_erniekit
+from .helpers import make_config, sft_erniekit, torchrun_two_processes
 
 
 def test_two_process_fsdp_matches_one_process(tmp_path, tiny_moe):
@@ -25,27 +20,11 @@ def test_two_process_fsdp_matches_one_process(tmp_path, tiny_moe):
     one = train(make_config(tiny_moe, tmp_path / "one", data, batch_size=4, gradient_accumulation_steps=1, **common))
 
     cfg = make_config(tiny_moe, tmp_path / "two", data, batch_size=1, gradient_accumulation_steps=2, **common)
-    cfg_path = tmp_path / "two.json"
-    cfg_path.write_text(json.dumps(dataclasses.asdict(cfg)))
     result = tmp_path / "two_result.json"
     resume_cfg = dataclasses.replace(cfg, output_dir=str(tmp_path / "resumed"),
                                      resume_from_checkpoint=str(tmp_path / "two" / "checkpoint-2"))
-    resume_path = tmp_path / "resume.json"
-    resume_path.write_text(json.dumps(dataclasses.asdict(resume_cfg)))
     resumed = tmp_path / "resume_result.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(Path(__file__).with_name("dist_worker.py")), str(cfg_path), str(result), str(resume_path), str(resumed)]
-    # Own session: on a timeout the whole group (torchrun and its workers) is killed, no orphans left.
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=420)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        raise AssertionError("torchrun run timed out:\n" + output[-4000:]) from None
-    assert proc.returncode == 0, output[-4000:]
+    torchrun_two_processes([(cfg, result), (resume_cfg, resumed)], timeout=420)
     two = json.loads(result.read_text())
     a = [h["loss"] for h in one["history"]]
     b = [h["loss"] for h in two]

@@ -5,13 +5,8 @@ bad lines name file:line, and the exported checkpoint loads in ernie45 and trans
 from __future__ import annotations
 
 import base64
-import dataclasses
 import io
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -31,7 +26,7 @@ from ernie45.training.vl_objective import VLTrainingModel, router_losses, vl_tar
 from ernie45.training.vl_trainer import VLTrainer
 from tests.tiny_checkpoint import make_tiny_vl_checkpoint
 
-from .helpers import make_config, write_jsonl
+from .helpers import make_config, torchrun_two_processes, write_jsonl
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 20)}
 
@@ -260,20 +255,8 @@ def test_two_process_vl_sft_matches_one_process(tmp_path, tiny_vl, vl_data):
               "freeze_vision": True, "moe_orthogonal_loss_lambda": 1e-3, "moe_use_aux_free": True}
     one = train(make_config(tiny_vl, tmp_path / "one", vl_data, batch_size=2, gradient_accumulation_steps=2, **common))
     cfg = make_config(tiny_vl, tmp_path / "two", vl_data, batch_size=1, gradient_accumulation_steps=2, **common)
-    cfg_path, result = tmp_path / "two.json", tmp_path / "two_result.json"
-    cfg_path.write_text(json.dumps(dataclasses.asdict(cfg)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(Path(__file__).with_name("dist_worker.py")), str(cfg_path), str(result)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        raise AssertionError("torchrun run timed out:\n" + output[-4000:]) from None
-    assert proc.returncode == 0, output[-4000:]
+    result = tmp_path / "two_result.json"
+    torchrun_two_processes([(cfg, result)], timeout=300)
     a = [h["loss"] for h in one["history"]]
     b = [h["loss"] for h in json.loads(result.read_text())]
     assert len(b) == 3 and a[-1] < a[0] and max(abs(x - y) for x, y in zip(a, b)) < 2e-5, (a, b)
