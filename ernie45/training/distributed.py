@@ -75,9 +75,9 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def apply_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute every decoder layer in backward (non-reentrant checkpoint; parameter names unchanged)."""
-    for layer in model.model.layers:
+def apply_activation_checkpointing(layers: nn.ModuleList) -> None:
+    """Recompute each of these decoder layers in backward (non-reentrant checkpoint; parameter names unchanged)."""
+    for layer in layers:
         layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
 
 

@@ -95,7 +95,7 @@ class Trainer:
         module = TrainingModel(base, mtp=cfg.multi_token_pred_lambda > 0 and cfg.stage != "DPO", orthogonal_group=orth)
         self.mtp_depths = base.model.num_mtp_layers if module.mtp else 0
         if cfg.recompute:
-            D.apply_activation_checkpointing(base)
+            D.apply_activation_checkpointing(base.model.layers)
         if self.info.enabled:
             module = D.apply_fsdp(module, self.info) if cfg.fsdp else D.apply_ddp(module, self.info)
         self.module = module

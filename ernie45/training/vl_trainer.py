@@ -41,7 +41,6 @@ def _check_supported(cfg: TrainConfig) -> None:
         "eval_dataset_path": bool(cfg.eval_dataset_path) and cfg.do_eval,
         "save_steps": cfg.save_steps > 0,
         "resume_from_checkpoint": cfg.resume_from_checkpoint is not None,
-        "recompute": cfg.recompute,
         "token_balance_loss": cfg.token_balance_loss,
         "train_dataset_prob": bool(cfg.train_dataset_prob),
         "skip_bad_lines": cfg.skip_bad_lines,
@@ -49,7 +48,7 @@ def _check_supported(cfg: TrainConfig) -> None:
     for key, used in unsupported.items():
         if used:
             raise ConfigError(f"config: {key}: not supported with stage VL-SFT yet (VL-SFT trains, logs and writes "
-                              f"the final checkpoint; no eval, step checkpoints, recompute, data weighting or "
+                              f"the final checkpoint; no eval, step checkpoints, data weighting or "
                               f"skipping of bad lines)")
 
 
@@ -75,6 +74,8 @@ class VLTrainer:
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.module, cfg)
         self.blocks = self.module.blocks
+        if cfg.recompute:
+            D.apply_activation_checkpointing(base.model.language_model.layers)
         if self.info.enabled:
             if cfg.fsdp and self.info.is_main:
                 print("VL-SFT on several processes: DDP (every rank holds the whole model; FSDP sharding is not "
