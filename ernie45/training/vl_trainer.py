@@ -25,6 +25,7 @@ from ..processing import load_processors
 from ..tokenizer import load_tokenizer
 from . import distributed as D
 from .config import ConfigError, TrainConfig, split_list
+from .data.readers import ReadStats
 from .data.vl_sft import VLEncoder, collate_vl, read_vl_records
 from .losses import IGNORE, update_correction_bias
 from .metrics import MetricsLogger
@@ -43,13 +44,11 @@ def _check_supported(cfg: TrainConfig) -> None:
         "resume_from_checkpoint": cfg.resume_from_checkpoint is not None,
         "token_balance_loss": cfg.token_balance_loss,
         "train_dataset_prob": bool(cfg.train_dataset_prob),
-        "skip_bad_lines": cfg.skip_bad_lines,
     }
     for key, used in unsupported.items():
         if used:
             raise ConfigError(f"config: {key}: not supported with stage VL-SFT yet (VL-SFT trains, logs and writes "
-                              f"the final checkpoint; no eval, step checkpoints, data weighting or "
-                              f"skipping of bad lines)")
+                              f"the final checkpoint; no eval, step checkpoints or data weighting)")
 
 
 class VLTrainer:
@@ -83,7 +82,11 @@ class VLTrainer:
             # A micro-batch without images leaves the vision experts without gradient: DDP must look for those.
             self.module = D.apply_ddp(self.module, self.info, find_unused_parameters=True)
 
-        self.records = [r for path in split_list(cfg.train_dataset_path) for r in read_vl_records(path)]
+        self.read_stats = ReadStats()
+        self.records = [r for path in split_list(cfg.train_dataset_path)
+                        for r in read_vl_records(path, cfg.skip_bad_lines, self.read_stats)]
+        if self.read_stats.skipped and self.info.is_main:
+            print(f"train data: skipped {self.read_stats.skipped} malformed line(s) of {self.read_stats.lines}")
         image_processor, video_processor = load_processors(source)
         self.encoder = VLEncoder(self.tokenizer, base.config, image_processor, video_processor, cfg.max_seq_len)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0

@@ -20,7 +20,7 @@ import ernie45
 from ernie45.processing import load_processors
 from ernie45.tokenizer import load_tokenizer
 from ernie45.training import ConfigError, load_config, train
-from ernie45.training.data.readers import DataError
+from ernie45.training.data.readers import DataError, ReadStats
 from ernie45.training.data.vl_sft import VLEncoder, collate_vl, read_vl_records
 from ernie45.training.losses import IGNORE
 from ernie45.training.vl_objective import VLTrainingModel, router_losses, vl_targets
@@ -278,3 +278,19 @@ def test_recompute_gives_the_same_loss_curve(tmp_path, tiny_vl, vl_data):
     assert a[-1] < a[0] and b == pytest.approx(a, rel=1e-5, abs=1e-6)
     trainer = VLTrainer(make_config(tiny_vl, tmp_path / "check", vl_data, recompute=True, **common))
     assert all(isinstance(layer.forward, functools.partial) for layer in trainer.base.model.language_model.layers)
+
+
+def test_skip_bad_lines_skips_and_counts(tmp_path, tiny_vl, vl_data, capsys):
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    missing = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "nope.png"}}]},
+                            {"role": "assistant", "content": "x"}]}
+    path = write_jsonl(tmp_path / "mixed.jsonl", [good, missing, good])
+    (tmp_path / "mixed.jsonl").write_text((tmp_path / "mixed.jsonl").read_text() + "{not json\n")
+    with pytest.raises(DataError, match=r"mixed\.jsonl:2: .*set skip_bad_lines: true"):
+        read_vl_records(path)
+    stats = ReadStats()
+    assert len(read_vl_records(path, skip_bad_lines=True, stats=stats)) == 2
+    assert (stats.lines, stats.skipped) == (4, 2)
+    VLTrainer(make_config(tiny_vl, tmp_path / "run", path, stage="VL-SFT", train_dataset_type="chatml",
+                          skip_bad_lines=True, batch_size=2))
+    assert "train data: skipped 2 malformed line(s) of 4" in capsys.readouterr().out

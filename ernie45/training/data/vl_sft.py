@@ -21,7 +21,7 @@ from ...engine.multimodal import split_content_parts
 from ...models.vl_positions import IMAGE, VIDEO, rope_positions, token_types
 from ...processing import MediaError
 from .encode import Encoder
-from .readers import Conversation, DataError, _jsonl_lines
+from .readers import Conversation, DataError, ReadStats, _jsonl_lines
 
 _ROLES = ("system", "user", "assistant")
 _MEDIA_PARTS = ("image_url", "image", "video_url", "video")
@@ -105,22 +105,29 @@ def _parse(obj, base: Path, where: str) -> VLRecord:
     return VLRecord(where, out, train)
 
 
-def read_vl_records(path: str | Path) -> list[VLRecord]:
-    """All records of a multimodal chatml .jsonl file; the first malformed line raises DataError (file:line)."""
+def read_vl_records(path: str | Path, skip_bad_lines: bool = False, stats: ReadStats | None = None) -> list[VLRecord]:
+    """All records of a multimodal chatml .jsonl file; the first malformed line (bad JSON or schema, a missing
+    media file) raises DataError (file:line), or with `skip_bad_lines` is skipped and counted in `stats`. An
+    undecodable image is found when the sample is encoded (VLEncoder.encode raises, naming the line)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: data file not found")
     if path.suffix != ".jsonl":
         raise DataError(f"{path}: VL-SFT data must be a .jsonl file of chatml messages")
+    stats = stats if stats is not None else ReadStats()
     records = []
     for n, item in _jsonl_lines(path):
         where = f"{path}:{n}"
+        stats.lines += 1
         try:
             if isinstance(item, Exception):
                 raise ValueError(f"not valid JSON: {item}")  # noqa: TRY004 (reported as a data error)
             records.append(_parse(item, path.parent, where))
         except ValueError as exc:
-            raise DataError(f"{where}: {exc} (VL-SFT chatml)") from None
+            if skip_bad_lines:
+                stats.skipped += 1
+                continue
+            raise DataError(f"{where}: {exc} (VL-SFT chatml; set skip_bad_lines: true to skip such lines)") from None
     return records
 
 
