@@ -24,6 +24,7 @@ from ..models.ernie45_vl import Ernie45VLForConditionalGeneration
 from ..processing import load_processors
 from ..tokenizer import load_tokenizer
 from . import distributed as D
+from .checkpointing import load_checkpoint, resolve_resume, save_checkpoint
 from .config import ConfigError, TrainConfig, split_list
 from .data.readers import ReadStats
 from .data.vl_sft import VLEncoder, collate_vl, read_vl_records
@@ -40,15 +41,13 @@ PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json",
 def _check_supported(cfg: TrainConfig) -> None:
     unsupported = {
         "eval_dataset_path": bool(cfg.eval_dataset_path) and cfg.do_eval,
-        "save_steps": cfg.save_steps > 0,
-        "resume_from_checkpoint": cfg.resume_from_checkpoint is not None,
         "token_balance_loss": cfg.token_balance_loss,
         "train_dataset_prob": bool(cfg.train_dataset_prob),
     }
     for key, used in unsupported.items():
         if used:
             raise ConfigError(f"config: {key}: not supported with stage VL-SFT yet (VL-SFT trains, logs and writes "
-                              f"the final checkpoint; no eval, step checkpoints or data weighting)")
+                              f"the final checkpoint; no eval or data weighting)")
 
 
 class VLTrainer:
@@ -156,6 +155,17 @@ class VLTrainer:
         out.update({"lr": lr, "grad_norm": grad_norm, **counted})
         return out
 
+    def _trainer_state(self) -> dict:
+        epoch, k = divmod(self.step, self.steps_per_epoch)
+        return {"step": self.step, "epoch": epoch, "data_position": k * self.global_batch,
+                "total_steps": self.total_steps, "history": self.history}
+
+    def _save_checkpoint(self) -> None:
+        """Model, optimizer, scheduler, RNG and the step (the data position follows from it: the per-epoch
+        shuffles are seeded), atomically (training/checkpointing.py)."""
+        save_checkpoint(self.run_dir, self.step, self.module, self.optimizer, self.scheduler, self._trainer_state(),
+                        self.info, self.cfg.save_total_limit)
+
     def train(self) -> dict:
         cfg = self.cfg
         if self.info.is_main:
@@ -163,6 +173,10 @@ class VLTrainer:
             (self.run_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         if cfg.packing and self.info.is_main:
             print("VL-SFT: each sample gets its own (right-padded) row; packing does not apply")
+        resume = resolve_resume(cfg.resume_from_checkpoint, self.run_dir)
+        if resume is not None:
+            state = load_checkpoint(resume, self.module, self.optimizer, self.scheduler, self.info)
+            self.step, self.history = state["step"], state.get("history", [])
         logger = MetricsLogger(self.run_dir, self.total_steps, self.step, self.info.is_main,
                                self.info.is_main and not cfg.disable_tqdm)
         while self.step < self.total_steps:
@@ -172,7 +186,11 @@ class VLTrainer:
                 logger.log({"step": self.step, "split": "train", **m})
                 logger.progress(cfg.logging_steps, {"loss": m["loss"]})
             self.history.append({"step": self.step, "loss": m["loss"]})
+            if cfg.save_steps and self.step % cfg.save_steps == 0 and self.step < self.total_steps:
+                self._save_checkpoint()
         logger.close()
+        if cfg.save_steps:
+            self._save_checkpoint()
         if self.info.is_main:
             self.save_outputs()
             plot_run(self.run_dir)
