@@ -40,14 +40,13 @@ PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json",
 
 def _check_supported(cfg: TrainConfig) -> None:
     unsupported = {
-        "eval_dataset_path": bool(cfg.eval_dataset_path) and cfg.do_eval,
         "token_balance_loss": cfg.token_balance_loss,
         "train_dataset_prob": bool(cfg.train_dataset_prob),
     }
     for key, used in unsupported.items():
         if used:
             raise ConfigError(f"config: {key}: not supported with stage VL-SFT yet (VL-SFT trains, logs and writes "
-                              f"the final checkpoint; no eval or data weighting)")
+                              f"the final checkpoint; no data weighting or token-balanced loss)")
 
 
 class VLTrainer:
@@ -69,6 +68,7 @@ class VLTrainer:
         self.base, self.source_dir = base, source
         orth = cfg.moe_group_orthogonal_loss if cfg.moe_orthogonal_loss_lambda else None
         self.module = VLTrainingModel(base, orthogonal_group=orth)
+        self.eval_objective = VLObjective(cfg, self.module, 1)  # the unwrapped module: no DDP hooks in eval
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.module, cfg)
         self.blocks = self.module.blocks
@@ -86,6 +86,8 @@ class VLTrainer:
                         for r in read_vl_records(path, cfg.skip_bad_lines, self.read_stats)]
         if self.read_stats.skipped and self.info.is_main:
             print(f"train data: skipped {self.read_stats.skipped} malformed line(s) of {self.read_stats.lines}")
+        self.eval_records = [r for path in split_list(cfg.eval_dataset_path) for r in read_vl_records(path)] \
+            if cfg.eval_dataset_path and cfg.do_eval else []
         image_processor, video_processor = load_processors(source)
         self.encoder = VLEncoder(self.tokenizer, base.config, image_processor, video_processor, cfg.max_seq_len)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -155,6 +157,26 @@ class VLTrainer:
         out.update({"lr": lr, "grad_norm": grad_norm, **counted})
         return out
 
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Mean loss over every assistant token of the eval data, and its perplexity. Ranks split the batches (in
+        order, `batch_size` samples each) and the sums are added over ranks."""
+        bs, info = self.cfg.batch_size, self.info
+        starts = list(range(0, len(self.eval_records), bs))[info.rank :: info.world_size]
+        self.module.train(False)
+        nll, targets = 0.0, 0.0
+        for start in starts:
+            batch = collate_vl([self.encoder.encode(r) for r in self.eval_records[start : start + bs]], self.pad_id)
+            batch = {k: v.to(info.device) for k, v in batch.items()}
+            n = float((vl_targets(batch) != IGNORE).sum())
+            with self._autocast():
+                _, metrics = self.eval_objective(batch, n)
+            nll, targets = nll + metrics["lm_loss"] * n, targets + n
+        self.module.train(True)
+        totals = D.reduce_dict({"nll": nll, "targets": targets}, info)
+        loss = totals["nll"] / max(totals["targets"], 1.0)
+        return {"loss": loss, "lm_loss": loss, "ppl": math.exp(min(loss, 50.0)), "targets": totals["targets"]}
+
     def _trainer_state(self) -> dict:
         epoch, k = divmod(self.step, self.steps_per_epoch)
         return {"step": self.step, "epoch": epoch, "data_position": k * self.global_batch,
@@ -186,8 +208,14 @@ class VLTrainer:
                 logger.log({"step": self.step, "split": "train", **m})
                 logger.progress(cfg.logging_steps, {"loss": m["loss"]})
             self.history.append({"step": self.step, "loss": m["loss"]})
+            if self.eval_records and cfg.eval_steps and self.step % cfg.eval_steps == 0:
+                logger.log({"step": self.step, "split": "eval", **self.evaluate()})
             if cfg.save_steps and self.step % cfg.save_steps == 0 and self.step < self.total_steps:
                 self._save_checkpoint()
+        final_eval = {}
+        if self.eval_records and not (cfg.eval_steps and self.step % cfg.eval_steps == 0):
+            final_eval = self.evaluate()
+            logger.log({"step": self.step, "split": "eval", **final_eval})
         logger.close()
         if cfg.save_steps:
             self._save_checkpoint()
@@ -195,7 +223,7 @@ class VLTrainer:
             self.save_outputs()
             plot_run(self.run_dir)
         D.barrier(self.info)
-        return {"steps": self.step, "history": self.history, "eval": {}}
+        return {"steps": self.step, "history": self.history, "eval": final_eval}
 
     def save_outputs(self) -> None:
         """output_dir gets the fine-tuned VL checkpoint (HF layout), tokenizer and processor configs."""

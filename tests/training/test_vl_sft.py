@@ -8,6 +8,7 @@ import base64
 import functools
 import io
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -229,9 +230,9 @@ def test_vl_config_checks(tmp_path, tiny_moe, tiny_vl, vl_data):
         make_config(tiny_vl, tmp_path, vl_data, stage="VL-SFT")
     with pytest.raises(ConfigError, match="freeze_vision: only applies to stage VL-SFT"):
         make_config(tiny_vl, tmp_path, vl_data, freeze_vision=True)
-    with pytest.raises(ConfigError, match="eval_dataset_path: not supported with stage VL-SFT"):
+    with pytest.raises(ConfigError, match="token_balance_loss: not supported with stage VL-SFT"):
         VLTrainer(make_config(tiny_vl, tmp_path, vl_data, stage="VL-SFT", train_dataset_type="chatml",
-                              eval_dataset_path=str(vl_data)))
+                              token_balance_loss=True))
     with pytest.raises(ConfigError, match="needs an ERNIE 4.5 VL checkpoint"):
         VLTrainer(make_config(tiny_moe, tmp_path, vl_data, stage="VL-SFT", train_dataset_type="chatml"))
 
@@ -307,3 +308,16 @@ def test_step_checkpoints_resume_the_loss_curve(tmp_path, tiny_vl, vl_data):
                                 **common))
     a, b = [h["loss"] for h in full["history"]], [h["loss"] for h in resumed["history"]]
     assert len(b) == 4 and b == pytest.approx(a, rel=1e-6, abs=1e-7)
+
+
+def test_eval_loss_is_the_saved_models_target_nll(tmp_path, tiny_vl, vl_data):
+    """eval_dataset_path + eval_steps: eval records in metrics.jsonl; the last one is the mean NLL of the eval
+    data's assistant tokens under the saved checkpoint (computed here through the plain inference forward)."""
+    out = tmp_path / "run"
+    result = train(make_config(tiny_vl, out, vl_data, stage="VL-SFT", train_dataset_type="chatml", max_steps=4,
+                               max_seq_len=128, batch_size=2, eval_dataset_path=str(vl_data), eval_steps=2,
+                               learning_rate=1e-3))
+    evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r.get("split") == "eval"]
+    assert [r["step"] for r in evals] == [2, 4] and result["eval"] == {}
+    assert evals[-1]["ppl"] == pytest.approx(math.exp(evals[-1]["loss"]))
+    assert evals[-1]["loss"] == pytest.approx(-_target_logprob(out, vl_data), rel=1e-4)
