@@ -24,6 +24,7 @@ from .losses import (
     moe_z_loss,
     orthogonal_loss,
     shifted_targets,
+    token_balanced,
     token_cross_entropy,
 )
 
@@ -138,7 +139,11 @@ class VLObjective:
         targets = vl_targets(batch)
         mask = targets != IGNORE
         out = self.module(batch, mask)
-        lm = token_cross_entropy(out.logits, targets[mask], consume_logits=True).sum() / max(step_targets, 1.0)
+        lm_sum = token_cross_entropy(out.logits, targets[mask], consume_logits=True).sum()
+        lm = lm_sum / max(step_targets, 1.0)
+        if cfg.token_balance_loss:
+            fixed = (cfg.token_balance_seqlen or cfg.max_seq_len * cfg.batch_size) * self.n_micro
+            lm = token_balanced(lm_sum, fixed, lm)
         metrics = {"lm_loss": float(lm.detach())}
         loss = lm
         terms = router_losses(out.routed, bool(cfg.moe_aux_loss_lambda), bool(cfg.moe_z_loss_lambda))

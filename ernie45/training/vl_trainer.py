@@ -40,13 +40,12 @@ PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json",
 
 def _check_supported(cfg: TrainConfig) -> None:
     unsupported = {
-        "token_balance_loss": cfg.token_balance_loss,
         "train_dataset_prob": bool(cfg.train_dataset_prob),
     }
     for key, used in unsupported.items():
         if used:
             raise ConfigError(f"config: {key}: not supported with stage VL-SFT yet (VL-SFT trains, logs and writes "
-                              f"the final checkpoint; no data weighting or token-balanced loss)")
+                              f"the final checkpoint; no data weighting)")
 
 
 class VLTrainer:

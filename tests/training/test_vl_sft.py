@@ -24,7 +24,7 @@ from ernie45.training import ConfigError, load_config, train
 from ernie45.training.data.readers import DataError, ReadStats
 from ernie45.training.data.vl_sft import VLEncoder, collate_vl, read_vl_records
 from ernie45.training.losses import IGNORE
-from ernie45.training.vl_objective import VLTrainingModel, router_losses, vl_targets
+from ernie45.training.vl_objective import VLObjective, VLTrainingModel, router_losses, vl_targets
 from ernie45.training.vl_trainer import VLTrainer
 from tests.tiny_checkpoint import make_tiny_vl_checkpoint
 
@@ -230,9 +230,9 @@ def test_vl_config_checks(tmp_path, tiny_moe, tiny_vl, vl_data):
         make_config(tiny_vl, tmp_path, vl_data, stage="VL-SFT")
     with pytest.raises(ConfigError, match="freeze_vision: only applies to stage VL-SFT"):
         make_config(tiny_vl, tmp_path, vl_data, freeze_vision=True)
-    with pytest.raises(ConfigError, match="token_balance_loss: not supported with stage VL-SFT"):
-        VLTrainer(make_config(tiny_vl, tmp_path, vl_data, stage="VL-SFT", train_dataset_type="chatml",
-                              token_balance_loss=True))
+    with pytest.raises(ConfigError, match="train_dataset_prob: not supported with stage VL-SFT"):
+        VLTrainer(make_config(tiny_vl, tmp_path, f"{vl_data},{vl_data}", stage="VL-SFT", train_dataset_type="chatml",
+                              train_dataset_prob="0.5,0.5"))
     with pytest.raises(ConfigError, match="needs an ERNIE 4.5 VL checkpoint"):
         VLTrainer(make_config(tiny_moe, tmp_path, vl_data, stage="VL-SFT", train_dataset_type="chatml"))
 
@@ -321,3 +321,23 @@ def test_eval_loss_is_the_saved_models_target_nll(tmp_path, tiny_vl, vl_data):
     assert [r["step"] for r in evals] == [2, 4] and result["eval"] == {}
     assert evals[-1]["ppl"] == pytest.approx(math.exp(evals[-1]["loss"]))
     assert evals[-1]["loss"] == pytest.approx(-_target_logprob(out, vl_data), rel=1e-4)
+
+
+def test_token_balance_loss_keeps_the_value_and_fixes_the_gradient_denominator(tiny_vl, vl_data, tmp_path):
+    """token_balance_loss: the logged loss is still the mean over targets; the gradient is that of the sum over a
+    fixed token_balance_seqlen x micro-batches, whatever the batch's target count."""
+    model = ernie45.load_model(tiny_vl, dtype="float32")
+    batch = collate_vl([_encoder(tiny_vl, model).encode(r) for r in read_vl_records(vl_data)[:2]], 0)
+    n_targets = float((vl_targets(batch) != IGNORE).sum())
+    grads, values = [], []
+    for balance in (False, True):
+        cfg = make_config(tiny_vl, tmp_path, vl_data, stage="VL-SFT", train_dataset_type="chatml",
+                          token_balance_loss=balance, token_balance_seqlen=1000)
+        module = VLTrainingModel(model)
+        model.zero_grad(set_to_none=True)
+        loss, metrics = VLObjective(cfg, module, n_micro=2)(batch, n_targets)
+        loss.backward()
+        grads.append(model.lm_head.weight.grad.clone())
+        values.append(metrics["lm_loss"])
+    assert values[1] == pytest.approx(values[0], rel=1e-6)
+    torch.testing.assert_close(grads[1], grads[0] * n_targets / 2000.0, rtol=1e-4, atol=1e-9)
