@@ -13,6 +13,7 @@ import contextlib
 import json
 import math
 import os
+import random
 import shutil
 import tempfile
 from pathlib import Path
@@ -38,19 +39,8 @@ from .vl_objective import MODALITIES, VLObjective, VLTrainingModel, vl_targets
 PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json")
 
 
-def _check_supported(cfg: TrainConfig) -> None:
-    unsupported = {
-        "train_dataset_prob": bool(cfg.train_dataset_prob),
-    }
-    for key, used in unsupported.items():
-        if used:
-            raise ConfigError(f"config: {key}: not supported with stage VL-SFT yet (VL-SFT trains, logs and writes "
-                              f"the final checkpoint; no data weighting)")
-
-
 class VLTrainer:
     def __init__(self, cfg: TrainConfig):
-        _check_supported(cfg)
         self.cfg = cfg
         self.info = D.init_distributed()
         self.run_dir = Path(cfg.output_dir)
@@ -81,8 +71,9 @@ class VLTrainer:
             self.module = D.apply_ddp(self.module, self.info, find_unused_parameters=True)
 
         self.read_stats = ReadStats()
-        self.records = [r for path in split_list(cfg.train_dataset_path)
-                        for r in read_vl_records(path, cfg.skip_bad_lines, self.read_stats)]
+        self.sources = [read_vl_records(path, cfg.skip_bad_lines, self.read_stats)
+                        for path in split_list(cfg.train_dataset_path)]
+        self.records = [r for source in self.sources for r in source]
         if self.read_stats.skipped and self.info.is_main:
             print(f"train data: skipped {self.read_stats.skipped} malformed line(s) of {self.read_stats.lines}")
         self.eval_records = [r for path in split_list(cfg.eval_dataset_path) for r in read_vl_records(path)] \
@@ -92,9 +83,10 @@ class VLTrainer:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.rank_batch = cfg.batch_size * cfg.gradient_accumulation_steps
         self.global_batch = self.rank_batch * self.info.world_size
-        self.steps_per_epoch = max(1, len(self.records) // self.global_batch)
-        if len(self.records) < self.global_batch:
-            raise ConfigError(f"config: batch_size: {len(self.records)} VL-SFT samples are fewer than one step's "
+        per_epoch = len(self.sample_order(0))
+        self.steps_per_epoch = max(1, per_epoch // self.global_batch)
+        if per_epoch < self.global_batch:
+            raise ConfigError(f"config: batch_size: {per_epoch} VL-SFT samples per epoch are fewer than one step's "
                               f"batch_size x gradient_accumulation_steps x processes = {self.global_batch}")
         self.total_steps = cfg.max_steps if cfg.max_steps > 0 else \
             max(1, math.ceil(cfg.num_train_epochs * self.steps_per_epoch))
@@ -105,8 +97,24 @@ class VLTrainer:
         self.history: list[dict] = []
 
     def sample_order(self, epoch: int) -> list[int]:
-        g = torch.Generator().manual_seed(self.cfg.seed + epoch)
-        return torch.randperm(len(self.records), generator=g).tolist()
+        """Indices into `records` for one epoch. Files are concatenated (each sample once), or with
+        `train_dataset_prob` mixed as in the text stages: file i gives round(p_i x all samples) draws, cycling
+        through its own shuffles, and the mix is shuffled. Seeded by seed and epoch (resume needs only the step)."""
+        if not self.cfg.train_dataset_prob or len(self.sources) == 1:
+            g = torch.Generator().manual_seed(self.cfg.seed + epoch)
+            return torch.randperm(len(self.records), generator=g).tolist()
+        rng = random.Random(self.cfg.seed * 1000003 + epoch)
+        mixed, offset = [], 0
+        for source, p in zip(self.sources, self.cfg.dataset_probs):
+            want, draws = max(1, round(p * len(self.records))), []
+            while source and len(draws) < want:
+                perm = list(range(len(source)))
+                rng.shuffle(perm)
+                draws += perm
+            mixed += [offset + i for i in draws[:want]]
+            offset += len(source)
+        rng.shuffle(mixed)
+        return mixed
 
     def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
         """This rank's share of step k's global batch, the next of a per-epoch shuffle (a partial tail is dropped)."""

@@ -230,9 +230,8 @@ def test_vl_config_checks(tmp_path, tiny_moe, tiny_vl, vl_data):
         make_config(tiny_vl, tmp_path, vl_data, stage="VL-SFT")
     with pytest.raises(ConfigError, match="freeze_vision: only applies to stage VL-SFT"):
         make_config(tiny_vl, tmp_path, vl_data, freeze_vision=True)
-    with pytest.raises(ConfigError, match="train_dataset_prob: not supported with stage VL-SFT"):
-        VLTrainer(make_config(tiny_vl, tmp_path, f"{vl_data},{vl_data}", stage="VL-SFT", train_dataset_type="chatml",
-                              train_dataset_prob="0.5,0.5"))
+    with pytest.raises(ConfigError, match="stage VL-SFT trains full weights only"):
+        make_config(tiny_vl, tmp_path, vl_data, stage="VL-SFT", train_dataset_type="chatml", fine_tuning="LoRA")
     with pytest.raises(ConfigError, match="needs an ERNIE 4.5 VL checkpoint"):
         VLTrainer(make_config(tiny_moe, tmp_path, vl_data, stage="VL-SFT", train_dataset_type="chatml"))
 
@@ -341,3 +340,24 @@ def test_token_balance_loss_keeps_the_value_and_fixes_the_gradient_denominator(t
         values.append(metrics["lm_loss"])
     assert values[1] == pytest.approx(values[0], rel=1e-6)
     torch.testing.assert_close(grads[1], grads[0] * n_targets / 2000.0, rtol=1e-4, atol=1e-9)
+
+
+def test_train_dataset_prob_mixes_files_by_probability(tmp_path, tiny_vl, vl_data):
+    """Two files with train_dataset_prob 0.75,0.25: each epoch draws round(p x all samples) from each file (cycling
+    the small one), shuffled; without probabilities the files are concatenated."""
+    text_only = write_jsonl(vl_data.parent / "text_only.jsonl", [
+        {"messages": [{"role": "user", "content": f"Count to {n}."}, {"role": "assistant", "content": "1 2 3"[: 2 * n]}]}
+        for n in (1, 2)])
+    both = f"{vl_data},{text_only}"
+    common = {"stage": "VL-SFT", "train_dataset_type": "chatml", "max_seq_len": 128, "batch_size": 2}
+    mixed = VLTrainer(make_config(tiny_vl, tmp_path / "m", both, train_dataset_prob="0.75,0.25", **common))
+    n_vl, n_text = len(mixed.sources[0]), len(mixed.sources[1])
+    for epoch in (0, 1):
+        order = mixed.sample_order(epoch)
+        from_text = sum(i >= n_vl for i in order)
+        assert len(order) - from_text == round(0.75 * (n_vl + n_text)) and from_text == round(0.25 * (n_vl + n_text))
+    assert mixed.sample_order(0) != mixed.sample_order(1)
+    plain = VLTrainer(make_config(tiny_vl, tmp_path / "p", both, **common))
+    assert sorted(plain.sample_order(0)) == list(range(n_vl + n_text))
+    result = train(make_config(tiny_vl, tmp_path / "run", both, train_dataset_prob="0.75,0.25", max_steps=2, **common))
+    assert len(result["history"]) == 2
