@@ -292,8 +292,6 @@ class TrainConfig:
             raise bad("train_dataset_type", "stage VL-SFT reads multimodal chatml messages: use train_dataset_type: chatml")
         if self.stage == "VL-SFT" and self.qat:
             raise bad("qat", "QAT of VL models is not implemented (stage VL-SFT)")
-        if self.stage == "VL-SFT" and self.fine_tuning != "Full":
-            raise bad("fine_tuning", "stage VL-SFT trains full weights only (LoRA on VL models is not implemented)")
         if self.freeze_vision and self.stage != "VL-SFT":
             raise bad("freeze_vision", "only applies to stage VL-SFT")
 

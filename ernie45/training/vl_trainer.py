@@ -29,6 +29,7 @@ from .checkpointing import load_checkpoint, resolve_resume, save_checkpoint
 from .config import ConfigError, TrainConfig, split_list
 from .data.readers import ReadStats
 from .data.vl_sft import VLEncoder, collate_vl, read_vl_records
+from .lora import adapter_state_dict, apply_lora, save_adapter
 from .losses import IGNORE, update_correction_bias
 from .metrics import MetricsLogger
 from .optim import build_optimizer, build_scheduler, optimizer_step
@@ -54,6 +55,11 @@ class VLTrainer:
         base.train()
         if cfg.freeze_vision:
             base.model.vision_tower.requires_grad_(False)
+        self.lora = cfg.fine_tuning == "LoRA"
+        if self.lora:
+            # Adapters on the named Linears of the language model (q/k/v/o_proj; the dense and shared-expert MLPs),
+            # everything else frozen; PEFT applies them to transformers' Ernie4_5_VLMoeForConditionalGeneration.
+            apply_lora(base, cfg.target_modules, cfg.lora_rank, cfg.lora_scale_alpha, cfg.lora_dropout, cfg.seed)
         self.base, self.source_dir = base, source
         orth = cfg.moe_group_orthogonal_loss if cfg.moe_orthogonal_loss_lambda else None
         self.module = VLTrainingModel(base, orthogonal_group=orth)
@@ -233,15 +239,23 @@ class VLTrainer:
         return {"steps": self.step, "history": self.history, "eval": final_eval}
 
     def save_outputs(self) -> None:
-        """output_dir gets the fine-tuned VL checkpoint (HF layout), tokenizer and processor configs."""
+        """output_dir gets the fine-tuned VL checkpoint (HF layout) or the PEFT adapter (LoRA), tokenizer and
+        processor configs."""
         tmp = Path(tempfile.mkdtemp(prefix=".final-", dir=self.run_dir))
         try:
-            save_model(self.base, tmp / "model", tokenizer=self.tokenizer)
+            cfg = self.cfg
+            if self.lora:
+                save_adapter(adapter_state_dict(self.base.named_parameters()), tmp / "model", cfg.lora_rank,
+                             cfg.lora_scale_alpha, cfg.lora_dropout, cfg.target_modules, str(cfg.model_name_or_path))
+                self.tokenizer.save_pretrained(tmp / "model")
+            else:
+                save_model(self.base, tmp / "model", tokenizer=self.tokenizer)
             for name in PROCESSOR_FILES:
                 if (self.source_dir / name).is_file():
                     shutil.copy2(self.source_dir / name, tmp / "model" / name)
-            # config.json moves last: a crash before leaves no loadable-looking output.
-            for f in sorted((tmp / "model").iterdir(), key=lambda f: f.name == "config.json"):
+            # config.json / adapter_config.json move last: a crash before leaves no loadable-looking output.
+            last = ("config.json", "adapter_config.json")
+            for f in sorted((tmp / "model").iterdir(), key=lambda f: f.name in last):
                 os.replace(f, self.run_dir / f.name)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

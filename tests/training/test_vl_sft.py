@@ -230,8 +230,8 @@ def test_vl_config_checks(tmp_path, tiny_moe, tiny_vl, vl_data):
         make_config(tiny_vl, tmp_path, vl_data, stage="VL-SFT")
     with pytest.raises(ConfigError, match="freeze_vision: only applies to stage VL-SFT"):
         make_config(tiny_vl, tmp_path, vl_data, freeze_vision=True)
-    with pytest.raises(ConfigError, match="stage VL-SFT trains full weights only"):
-        make_config(tiny_vl, tmp_path, vl_data, stage="VL-SFT", train_dataset_type="chatml", fine_tuning="LoRA")
+    with pytest.raises(ConfigError, match="QAT of VL models is not implemented"):
+        make_config(tiny_vl, tmp_path, vl_data, stage="VL-SFT", train_dataset_type="chatml", qat=True)
     with pytest.raises(ConfigError, match="needs an ERNIE 4.5 VL checkpoint"):
         VLTrainer(make_config(tiny_moe, tmp_path, vl_data, stage="VL-SFT", train_dataset_type="chatml"))
 
@@ -361,3 +361,35 @@ def test_train_dataset_prob_mixes_files_by_probability(tmp_path, tiny_vl, vl_dat
     assert sorted(plain.sample_order(0)) == list(range(n_vl + n_text))
     result = train(make_config(tiny_vl, tmp_path / "run", both, train_dataset_prob="0.75,0.25", max_steps=2, **common))
     assert len(result["history"]) == 2
+
+
+def test_vl_sft_lora_adapter_round_trips_through_peft_and_merges(tmp_path, tiny_vl, vl_data):
+    """fine_tuning: LoRA on a VL model: the loss falls, output_dir holds a PEFT adapter that peft
+    applies to transformers' Ernie4_5_VLMoeForConditionalGeneration with ernie45's logits, and
+    `ernie45 export --merge-lora` folds it into a VL checkpoint with the same logits."""
+    from peft import PeftModel
+    from transformers import Ernie4_5_VLMoeForConditionalGeneration
+
+    from ernie45.cli.main import main
+    from ernie45.training.lora import load_adapter
+
+    out = tmp_path / "run"
+    result = train(make_config(tiny_vl, out, vl_data, stage="VL-SFT", train_dataset_type="chatml", fine_tuning="LoRA",
+                               lora_target_modules="q_proj,v_proj,o_proj", lora_rank=4, lora_alpha=8,
+                               learning_rate=1e-2, max_steps=6, max_seq_len=128, batch_size=2))
+    losses = [h["loss"] for h in result["history"]]
+    assert losses[-1] < losses[0]
+    assert (out / "adapter_config.json").is_file() and not (out / "model.safetensors").exists()
+    ours = ernie45.load_model(tiny_vl, dtype="float32")
+    load_adapter(ours, out)
+    ids = torch.randint(5, 400, (1, 16), generator=torch.Generator().manual_seed(3))
+    hf = PeftModel.from_pretrained(Ernie4_5_VLMoeForConditionalGeneration.from_pretrained(tiny_vl, dtype=torch.float32),
+                                   out).eval()
+    with torch.no_grad():
+        ours_logits = ours(ids)
+        assert not torch.allclose(ours_logits, ernie45.load_model(tiny_vl, dtype="float32")(ids), atol=1e-3)
+        torch.testing.assert_close(hf(input_ids=ids).logits, ours_logits, rtol=1e-4, atol=1e-4)
+    assert main(["export", "--merge-lora", str(out), "--base", str(tiny_vl), "--output", str(tmp_path / "m")]) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(ernie45.load_model(tmp_path / "m", dtype="float32")(ids), ours_logits,
+                                   rtol=1e-4, atol=1e-4)
