@@ -1,10 +1,11 @@
-"""The VL-SFT loop (stage VL-SFT): an ERNIE 4.5 VL checkpoint fine-tuned on multimodal chatml data, on one
-process or N (torchrun: DDP, each rank taking its share of every global batch).
+"""The VL-SFT loop (stage VL-SFT): an ERNIE 4.5 VL checkpoint fine-tuned (full or LoRA) on multimodal chatml data,
+on one process or N (torchrun: DDP, each rank taking its share of every global batch).
 
 step = encode this rank's micro-batches (images processed as at inference) -> forward/backward each (gradients
 all-reduced on the last) -> clip -> AdamW -> schedule -> per-modality aux-free bias update (usage all-reduced) ->
-log (metrics summed over ranks); at the end rank 0 writes the HF checkpoint (plus tokenizer and processor files) to
-output_dir. `freeze_vision` keeps the vision tower fixed.
+log (metrics summed over ranks) -> eval / step checkpoint when due; at the end rank 0 writes the HF checkpoint or
+the PEFT adapter (plus tokenizer and processor files) to output_dir. `freeze_vision` keeps the vision tower fixed;
+`recompute` re-runs the language-model layers in backward; epochs concatenate or mix (`train_dataset_prob`) files.
 """
 
 from __future__ import annotations
