@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +21,6 @@ import torch
 
 from . import blas
 from . import gemv as gemv_build
-
-logger = logging.getLogger(__name__)
 
 SOURCE_PATH = Path(__file__).with_name("causal_attention.c")
 _ERRORS = {1: "bad arguments", 2: "out of memory"}
@@ -36,19 +33,18 @@ class _Library:
     backward: Callable[..., int]
 
 
-@functools.cache
-def _library() -> _Library | None:
-    try:
-        lib = ctypes.CDLL(str(gemv_build.build(source=SOURCE_PATH)))
-    except (RuntimeError, OSError) as e:
-        logger.warning("ernie45 causal attention kernel unavailable, using torch's: %s", e)
-        return None
+def _bind(lib: ctypes.CDLL) -> _Library:
     p, i32, i64, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
     shape = (p, i32, i32, i32, i32, i32, f32, p, i64, i64, p, i64, i64, p, i64, i64)
     return _Library(
         forward=ctypes.CFUNCTYPE(i32, *shape, p, p, i32)(("ernie45_causal_attention_forward", lib)),
         backward=ctypes.CFUNCTYPE(i32, *shape, p, p, p, p, p, p, i32)(("ernie45_causal_attention_backward", lib)),
     )
+
+
+@functools.cache
+def _library() -> _Library | None:
+    return gemv_build.load_kernel(SOURCE_PATH, _bind, "causal attention kernel", "using torch's")
 
 
 def takes(q_BTND: torch.Tensor, k_BTKD: torch.Tensor, v_BTKD: torch.Tensor) -> bool:

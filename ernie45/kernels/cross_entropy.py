@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +19,6 @@ from pathlib import Path
 import torch
 
 from . import gemv as gemv_build
-
-logger = logging.getLogger(__name__)
 
 SOURCE_PATH = Path(__file__).with_name("cross_entropy.c")
 
@@ -36,19 +32,16 @@ class _Library:
     backward: Callable[..., int]
 
 
+def _bind(lib: ctypes.CDLL) -> _Library:
+    p, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+    signature = ctypes.CFUNCTYPE(i32, p, i32, i64, i64, p, i64, p, p, i32)
+    return _Library(forward=signature(("ernie45_cross_entropy_forward", lib)),
+                    backward=signature(("ernie45_cross_entropy_backward", lib)))
+
+
 @functools.cache
 def _library() -> _Library | None:
-    if os.environ.get("ERNIE45_DISABLE_KERNELS") == "1":
-        return None
-    try:
-        lib = ctypes.CDLL(str(gemv_build.build(source=SOURCE_PATH)))
-        p, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-        signature = ctypes.CFUNCTYPE(i32, p, i32, i64, i64, p, i64, p, p, i32)
-        return _Library(forward=signature(("ernie45_cross_entropy_forward", lib)),
-                        backward=signature(("ernie45_cross_entropy_backward", lib)))
-    except (RuntimeError, OSError, AttributeError) as e:
-        logger.warning("ernie45 cross-entropy kernel unavailable, using torch's: %s", e)
-        return None
+    return gemv_build.load_kernel(SOURCE_PATH, _bind, "cross-entropy kernel", "using torch's")
 
 
 def available() -> bool:

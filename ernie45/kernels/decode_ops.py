@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +20,6 @@ from pathlib import Path
 import torch
 
 from . import gemv as gemv_build
-
-logger = logging.getLogger(__name__)
 
 SOURCE_PATH = Path(__file__).with_name("decode_ops.c")
 # No fused multiply-adds: the rotary embedding then rounds exactly as torch's separate multiplies and add.
@@ -43,30 +39,27 @@ class _Library:
     decode_layers: Callable[..., int]
 
 
+def _bind(lib: ctypes.CDLL) -> _Library:
+    p, i32, i64, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+    return _Library(
+        rms_norm=ctypes.CFUNCTYPE(i32, p, p, p, i32, p, i32, p, i32, i64, i64, f32, i32)(
+            ("ernie45_rms_norm", lib)
+        ),
+        rotary=ctypes.CFUNCTYPE(i32, p, p, i32, i64, i64, i64, i64, p, p, i64)(("ernie45_rotary", lib)),
+        silu_mul=ctypes.CFUNCTYPE(i32, p, p, p, i32, i64, i32)(("ernie45_silu_mul", lib)),
+        decode_attention=ctypes.CFUNCTYPE(
+            i32, p, p, p, p, p, i32, i64, i64, i64, i64, i64, i64, f32, p, i32
+        )(("ernie45_decode_attention", lib)),
+        paged_decode_attention=ctypes.CFUNCTYPE(
+            i32, p, p, p, p, p, i32, i64, i64, i64, i64, p, p, p, f32, p, i32
+        )(("ernie45_paged_decode_attention", lib)),
+        decode_layers=ctypes.CFUNCTYPE(i32, p, i32, p, p, p, p, p, i32)(("ernie45_decode_layers", lib)),
+    )
+
+
 @functools.cache
 def _library() -> _Library | None:
-    if os.environ.get("ERNIE45_DISABLE_KERNELS") == "1":
-        return None
-    try:
-        lib = ctypes.CDLL(str(gemv_build.build(flags=COMPILE_FLAGS, source=SOURCE_PATH)))
-        p, i32, i64, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
-        return _Library(
-            rms_norm=ctypes.CFUNCTYPE(i32, p, p, p, i32, p, i32, p, i32, i64, i64, f32, i32)(
-                ("ernie45_rms_norm", lib)
-            ),
-            rotary=ctypes.CFUNCTYPE(i32, p, p, i32, i64, i64, i64, i64, p, p, i64)(("ernie45_rotary", lib)),
-            silu_mul=ctypes.CFUNCTYPE(i32, p, p, p, i32, i64, i32)(("ernie45_silu_mul", lib)),
-            decode_attention=ctypes.CFUNCTYPE(
-                i32, p, p, p, p, p, i32, i64, i64, i64, i64, i64, i64, f32, p, i32
-            )(("ernie45_decode_attention", lib)),
-            paged_decode_attention=ctypes.CFUNCTYPE(
-                i32, p, p, p, p, p, i32, i64, i64, i64, i64, p, p, p, f32, p, i32
-            )(("ernie45_paged_decode_attention", lib)),
-            decode_layers=ctypes.CFUNCTYPE(i32, p, i32, p, p, p, p, p, i32)(("ernie45_decode_layers", lib)),
-        )
-    except (RuntimeError, OSError, AttributeError) as e:
-        logger.warning("ernie45 decode-op kernels unavailable, using torch ops: %s", e)
-        return None
+    return gemv_build.load_kernel(SOURCE_PATH, _bind, "decode-op kernels", "using torch ops", flags=COMPILE_FLAGS)
 
 
 def available() -> bool:

@@ -26,12 +26,15 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 # torch first: it maps its own libgomp.so.1, and the kernel's libgomp.so.1 dependency then resolves to that same
 # copy (the loader matches by soname), so both share one OpenMP thread pool.
 import torch
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 MAX_ROWS = 16
 """Most rows of x per call: beyond this the product is compute-bound and a real GEMM wins."""
@@ -173,6 +176,21 @@ def load(path: Path) -> GemvLibrary:
     supports_fp16 = ctypes.CFUNCTYPE(i32)(("ernie45_gemv_supports_fp16", lib))()
     codes = dict(_DTYPE_CODES) if supports_fp16 else {d: c for d, c in _DTYPE_CODES.items() if d != torch.float16}
     return GemvLibrary(path=path, gemv=gemv, dtype_codes=codes)
+
+
+def load_kernel(source: Path, bind: Callable[[ctypes.CDLL], T], what: str, fallback: str,
+                flags: tuple[str, ...] = COMPILE_FLAGS) -> T | None:
+    """Build `source` (or reuse its cached build), load it and `bind` its entry points: the loading every kernel
+    beside gemv.c shares. None when ERNIE45_DISABLE_KERNELS=1, or (logged: "ernie45 {what} unavailable,
+    {fallback}") when the build, the load or a symbol fails. Callers cache the result."""
+    if os.environ.get("ERNIE45_DISABLE_KERNELS") == "1":
+        return None
+    try:
+        return bind(ctypes.CDLL(str(build(flags=flags, source=source))))
+    # AttributeError: a library without the expected symbols (a foreign file under the cached name).
+    except (RuntimeError, OSError, AttributeError) as e:
+        logger.warning("ernie45 %s unavailable, %s: %s", what, fallback, e)
+        return None
 
 
 @functools.cache

@@ -10,16 +10,12 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
 from . import gemv as gemv_build
-
-logger = logging.getLogger(__name__)
 
 SOURCE_PATH = Path(__file__).with_name("qgemv.c")
 MAX_ROWS = 64
@@ -59,21 +55,19 @@ MAX_WEIGHTS = 8
 """Most weights one grouped call takes (MAX_WEIGHTS in qgemv.c)."""
 
 
+def _bind(lib: ctypes.CDLL) -> Callable[..., int]:
+    ptr, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+    return ctypes.CFUNCTYPE(i32, ptr, i32, i32, i64, ctypes.POINTER(QgemvWeight), i32, i32, i64, i64, i32)(
+        ("ernie45_qgemv_many", lib)
+    )
+
+
 @functools.cache
 def _library(flags: tuple[str, ...] = gemv_build.COMPILE_FLAGS) -> Callable[..., int] | None:
     """The kernel's entry point (`ernie45_qgemv_many`) built with `flags` on first use; None (logged once) if
     disabled or the build fails."""
-    if os.environ.get("ERNIE45_DISABLE_KERNELS") == "1":
-        return None
-    try:
-        lib = ctypes.CDLL(str(gemv_build.build(flags=flags, source=SOURCE_PATH)))
-        ptr, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-        return ctypes.CFUNCTYPE(i32, ptr, i32, i32, i64, ctypes.POINTER(QgemvWeight), i32, i32, i64, i64, i32)(
-            ("ernie45_qgemv_many", lib)
-        )
-    except (RuntimeError, OSError, AttributeError) as e:
-        logger.warning("ernie45 quantized gemv kernel unavailable, using the dequantize path: %s", e)
-        return None
+    return gemv_build.load_kernel(SOURCE_PATH, _bind, "quantized gemv kernel", "using the dequantize path",
+                                  flags=flags)
 
 
 def available() -> bool:
