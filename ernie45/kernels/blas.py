@@ -28,11 +28,12 @@ from pathlib import Path
 
 import torch
 
-from . import gemv as gemv_build
+from . import build
 
 logger = logging.getLogger(__name__)
 
 SOURCE_PATH = Path(__file__).with_name("parallel_sgemm.c")
+EXTRA_FLAGS: tuple[str, ...] = ()
 CHOICES = ("auto", "openblas", "torch")
 
 _NO_TRANS, _TRANS = 111, 112  # cblas
@@ -73,7 +74,7 @@ def auto_prefers_openblas() -> bool:
             and "avx512f" in _cpuinfo_field("flags").split() and torch.backends.mkl.is_available())  # fmt: skip
 
 
-@functools.cache
+@build.cached_loader
 def _library() -> _Library | None:
     try:
         import scipy_openblas32
@@ -85,7 +86,7 @@ def _library() -> _Library | None:
         # Single-threaded calls: the threads are torch's (parallel_sgemm.c).
         openblas.scipy_openblas_set_num_threads(1)
         openblas.scipy_openblas_get_corename.restype = ctypes.c_char_p
-        split = ctypes.CDLL(str(gemv_build.build(source=SOURCE_PATH)))
+        split = build.load_library(build.build_for(SOURCE_PATH, extra_flags=EXTRA_FLAGS))
         i32, p, f32 = ctypes.c_int, ctypes.c_void_p, ctypes.c_float
         parallel_sgemm = ctypes.CFUNCTYPE(i32, p, i32, i32, i32, i32, i32, p, i32, p, i32, f32, p, i32, i32)(
             ("ernie45_parallel_sgemm", split))

@@ -12,7 +12,6 @@ K kv heads, D head dim.
 from __future__ import annotations
 
 import ctypes
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +19,9 @@ from pathlib import Path
 import torch
 
 from . import blas
-from . import gemv as gemv_build
+from . import build
 
+EXTRA_FLAGS: tuple[str, ...] = ()
 SOURCE_PATH = Path(__file__).with_name("causal_attention.c")
 _ERRORS = {1: "bad arguments", 2: "out of memory"}
 _INT_MAX = 2**31 - 1
@@ -42,9 +42,9 @@ def _bind(lib: ctypes.CDLL) -> _Library:
     )
 
 
-@functools.cache
+@build.cached_loader
 def _library() -> _Library | None:
-    return gemv_build.load_kernel(SOURCE_PATH, _bind, "causal attention kernel", "using torch's")
+    return build.load_kernel(SOURCE_PATH, _bind, "causal attention kernel", "using torch's", EXTRA_FLAGS)
 
 
 def takes(q_BTND: torch.Tensor, k_BTKD: torch.Tensor, v_BTKD: torch.Tensor) -> bool:

@@ -11,15 +11,15 @@ vocabulary.
 from __future__ import annotations
 
 import ctypes
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from . import gemv as gemv_build
+from . import build
 
+EXTRA_FLAGS: tuple[str, ...] = ()
 SOURCE_PATH = Path(__file__).with_name("cross_entropy.c")
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}  # must match scalar_types.h
@@ -39,9 +39,9 @@ def _bind(lib: ctypes.CDLL) -> _Library:
                     backward=signature(("ernie45_cross_entropy_backward", lib)))
 
 
-@functools.cache
+@build.cached_loader
 def _library() -> _Library | None:
-    return gemv_build.load_kernel(SOURCE_PATH, _bind, "cross-entropy kernel", "using torch's")
+    return build.load_kernel(SOURCE_PATH, _bind, "cross-entropy kernel", "using torch's", EXTRA_FLAGS)
 
 
 def available() -> bool:

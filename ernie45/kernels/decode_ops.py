@@ -12,18 +12,17 @@ heads, K kv heads, D head dim, S cache slots, H hidden.
 from __future__ import annotations
 
 import ctypes
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from . import gemv as gemv_build
+from . import build
 
 SOURCE_PATH = Path(__file__).with_name("decode_ops.c")
 # No fused multiply-adds: the rotary embedding then rounds exactly as torch's separate multiplies and add.
-COMPILE_FLAGS = (*gemv_build.COMPILE_FLAGS, "-ffp-contract=off")
+EXTRA_FLAGS = ("-ffp-contract=off",)
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}  # must match decode_ops.c
 _ERRORS = {1: "unsupported dtype", 2: "bad shape", 3: "out of memory"}
@@ -57,9 +56,9 @@ def _bind(lib: ctypes.CDLL) -> _Library:
     )
 
 
-@functools.cache
+@build.cached_loader
 def _library() -> _Library | None:
-    return gemv_build.load_kernel(SOURCE_PATH, _bind, "decode-op kernels", "using torch ops", flags=COMPILE_FLAGS)
+    return build.load_kernel(SOURCE_PATH, _bind, "decode-op kernels", "using torch ops", EXTRA_FLAGS)
 
 
 def available() -> bool:

@@ -1,21 +1,19 @@
 """Decode-time product with weight-only quantized weights on the CPU: y = x @ dequant(Wq)^T (+ bias), W read once
 in its packed form (1, 1/2 or 1/4 byte per weight).
 
-Built from `qgemv.c` at first use with the system C compiler and loaded through ctypes, exactly as `gemv.py`
-builds `gemv.c` (same cache directory, same `ERNIE45_DISABLE_KERNELS=1` switch). Callers check `supports(...)`
+Built from `qgemv.c` at first use for the active ISA target and loaded through ctypes (kernels/build.py). Callers check `supports(...)`
 and fall back to the reference dequantize path otherwise. Legend: M rows of x, N output features, K input features.
 """
 
 from __future__ import annotations
 
 import ctypes
-import functools
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
-from . import gemv as gemv_build
+from . import build
 
 SOURCE_PATH = Path(__file__).with_name("qgemv.c")
 MAX_ROWS = 64
@@ -30,9 +28,8 @@ _ERRORS = {
 }
 
 
-AVX2_FLAGS = (*(f for f in gemv_build.COMPILE_FLAGS if f != "-march=native"), "-mavx2", "-mfma", "-mf16c")
-"""A build for AVX2 CPUs without AVX-512 (the integer path then uses vpmaddubsw): tests build it on any x86 CPU
-with AVX2 to check that code path too."""
+EXTRA_FLAGS: tuple[str, ...] = ()
+"""Flags this kernel adds to its target's."""
 
 
 class QgemvWeight(ctypes.Structure):
@@ -62,12 +59,11 @@ def _bind(lib: ctypes.CDLL) -> Callable[..., int]:
     )
 
 
-@functools.cache
-def _library(flags: tuple[str, ...] = gemv_build.COMPILE_FLAGS) -> Callable[..., int] | None:
-    """The kernel's entry point (`ernie45_qgemv_many`) built with `flags` on first use; None (logged once) if
-    disabled or the build fails."""
-    return gemv_build.load_kernel(SOURCE_PATH, _bind, "quantized gemv kernel", "using the dequantize path",
-                                  flags=flags)
+@build.cached_loader
+def _library() -> Callable[..., int] | None:
+    """The kernel's entry point (`ernie45_qgemv_many`) built on first use; None (logged once) if disabled or the
+    build fails."""
+    return build.load_kernel(SOURCE_PATH, _bind, "quantized gemv kernel", "using the dequantize path", EXTRA_FLAGS)
 
 
 def available() -> bool:
@@ -101,8 +97,6 @@ def qgemv(
     bits: int,
     group_size: int,
     bias: torch.Tensor | None = None,
-    *,
-    flags: tuple[str, ...] = gemv_build.COMPILE_FLAGS,
 ) -> torch.Tensor:
     """x [..., K] @ dequant(qweight [N, row_bytes], scales fp16 / zeros uint8 [N, K/group_size])^T + bias, in
     x's dtype.
@@ -110,14 +104,13 @@ def qgemv(
     Symmetric weights pass zeros=None (zero point 2^(bits-1)). With `uses_integer_path` (batch-1 and batch-2
     decode of 4-bit and 2-bit weights) the kernel takes its integer path: x is rounded per group to 16-bit
     integers, so each output may differ from the fp32 product by up to sum_k |w_k| * max|x_group(k)| / 65024
-    (`integer_path_error_bound`). `flags` picks the build (tests pass AVX2_FLAGS). Raises RuntimeError if the
-    kernel is unavailable or rejects the shapes. The result carries no autograd history.
+    (`integer_path_error_bound`). Raises RuntimeError if the kernel is unavailable or rejects the shapes. The result carries no autograd history.
     """
-    return PreparedQgemv([(qweight, scales, zeros, bias)], bits, group_size, flags=flags)(x)[0]
+    return PreparedQgemv([(qweight, scales, zeros, bias)], bits, group_size)(x)[0]
 
 
-def _entry_point(flags: tuple[str, ...]) -> Callable[..., int]:
-    entry = _library(flags)
+def _entry_point() -> Callable[..., int]:
+    entry = _library()
     if entry is None:
         raise RuntimeError("the quantized gemv kernel is unavailable (disabled or failed to build)")
     return entry
@@ -147,12 +140,10 @@ class PreparedQgemv:
         weights: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]],
         bits: int,
         group_size: int,
-        *,
-        flags: tuple[str, ...] = gemv_build.COMPILE_FLAGS,
     ):
         if not 1 <= len(weights) <= MAX_WEIGHTS:
             raise ValueError(f"qgemv: a grouped call takes 1..{MAX_WEIGHTS} weights, got {len(weights)}")
-        self._fn = _entry_point(flags)
+        self._fn = _entry_point()
         for qweight, scales, zeros, bias in weights:
             _check_weight(qweight, scales, zeros, bias)
         self._tensors = tuple(weights)

@@ -45,14 +45,14 @@ SHAPES = [(2, 37, 4, 2, 16), (1, 200, 8, 1, 32), (2, 130, 3, 3, 8), (1, 129, 16,
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-T{}-N{}-K{}-D{}".format(*s))
-def test_equals_torch_forward_and_backward(shape):
+def test_equals_torch_forward_and_backward(kernel_isa, shape):
     out, grad = run(causal_attention.attention, *shape)
     out_ref, grad_ref = run(sdpa, *shape)
     torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=2e-6)
     torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=2e-5)
 
 
-def test_results_do_not_depend_on_the_thread_count():
+def test_results_do_not_depend_on_the_thread_count(kernel_isa):
     """Each task writes its own outputs with no atomics: bitwise equal on 1 and 3 threads."""
     saved = torch.get_num_threads()
     try:

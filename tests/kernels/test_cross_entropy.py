@@ -27,7 +27,7 @@ def targets_with_ignored(M: int, V: int, seed: int = 0) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("V", [1, 17, 1003, 5000])  # odd sizes: partial lanes and blocks
-def test_forward_equals_torch(dtype, V):
+def test_forward_equals_torch(kernel_isa, dtype, V):
     torch.manual_seed(0)
     logits = (torch.randn(9, V) * 4).to(dtype)
     targets = targets_with_ignored(9, V)
@@ -39,7 +39,7 @@ def test_forward_equals_torch(dtype, V):
 
 
 @pytest.mark.parametrize("scale", [1e-3, 30.0, 1e4])
-def test_forward_is_stable_at_extreme_scales(scale):
+def test_forward_is_stable_at_extreme_scales(kernel_isa, scale):
     torch.manual_seed(1)
     logits = torch.randn(4, 700) * scale
     targets = torch.randint(0, 700, (4,))
@@ -49,7 +49,7 @@ def test_forward_is_stable_at_extreme_scales(scale):
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-4)
 
 
-def test_nan_logit_gives_nan_loss_for_its_row_only():
+def test_nan_logit_gives_nan_loss_for_its_row_only(kernel_isa):
     logits = torch.randn(3, 50)
     logits[1, 7] = float("nan")
     loss, _ = cross_entropy.forward(logits, torch.tensor([0, 3, 4]), IGNORE)
@@ -84,7 +84,7 @@ def head_gradients(dtype, consume: bool, weights_M: torch.Tensor):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_consumed_logits_give_torch_gradients(dtype):
+def test_consumed_logits_give_torch_gradients(kernel_isa, dtype):
     weights = torch.rand(24, generator=torch.Generator().manual_seed(4))  # per-token upstream gradients
     loss, grad_h, grad_W = head_gradients(dtype, True, weights)
     ref_loss, ref_h, ref_W = head_gradients(dtype, False, weights)

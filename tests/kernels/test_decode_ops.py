@@ -1,5 +1,5 @@
-"""The decode-step C ops (kernels/decode_ops.c) against the torch ops they replace, their refusals, and a whole
-model's decode with them against the torch path. Legend: B batch, T tokens, N query heads, K kv heads, D head dim,
+"""The decode-step C ops (kernels/decode_ops.c) against the torch ops they replace (on every ISA target), their
+refusals, and a whole model's decode with them against the torch path. Legend: B batch, T tokens, N query heads, K kv heads, D head dim,
 S cache slots, H hidden.
 """
 
@@ -25,7 +25,7 @@ def torch_norm(x, weight, eps):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1, 64), (3, 5, 96), (70, 1024)])  # the last takes the parallel loop
-def test_rms_norm_equals_torch(dtype, shape):
+def test_rms_norm_equals_torch(kernel_isa, dtype, shape):
     torch.manual_seed(0)
     x = (torch.randn(shape) * 3).to(dtype)
     weight = torch.randn(shape[-1]).to(dtype)
@@ -38,7 +38,7 @@ def test_rms_norm_equals_torch(dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rms_norm_with_residual_adds_first(dtype):
+def test_rms_norm_with_residual_adds_first(kernel_isa, dtype):
     torch.manual_seed(1)
     x, delta = torch.randn(2, 3, 64).to(dtype), torch.randn(2, 3, 64).to(dtype)
     weight = torch.randn(64).to(dtype)
@@ -88,7 +88,7 @@ def test_rms_norm_module_matches_torch_path_in_inference_and_training():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("per_row_tables", [False, True])
-def test_rotary_is_bit_identical_to_apply_rotary(dtype, per_row_tables):
+def test_rotary_is_bit_identical_to_apply_rotary(kernel_isa, dtype, per_row_tables):
     torch.manual_seed(2)
     B, T, N, K, D = 2, 3, 4, 2, 16
     rope = RotaryEmbedding(D, 500000.0)
@@ -103,7 +103,7 @@ def test_rotary_is_bit_identical_to_apply_rotary(dtype, per_row_tables):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [7, 3072, 70_000])  # a tail, the decode size, the parallel loop
-def test_silu_mul_equals_torch(dtype, n):
+def test_silu_mul_equals_torch(kernel_isa, dtype, n):
     torch.manual_seed(3)
     gate = torch.cat([torch.tensor([-100.0, -88.0, -20.0, 0.0, 20.0, 90.0]), torch.randn(n) * 4])[:n].to(dtype)
     up = torch.randn(n).to(dtype)
@@ -127,7 +127,7 @@ def reference_decode_attention(q_BND, k_cache, v_cache, pos, scale):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,N,K,D", [(1, 4, 4, 8), (2, 16, 2, 128), (3, 6, 2, 36)])
 @pytest.mark.parametrize("pos", [0, 9, 47])
-def test_decode_attention_writes_the_cache_and_equals_torch(dtype, B, N, K, D, pos):
+def test_decode_attention_writes_the_cache_and_equals_torch(kernel_isa, dtype, B, N, K, D, pos):
     torch.manual_seed(4)
     S = 48
     k_cache, v_cache = torch.randn(B, K, S, D).to(dtype), torch.randn(B, K, S, D).to(dtype)
@@ -143,7 +143,7 @@ def test_decode_attention_writes_the_cache_and_equals_torch(dtype, B, N, K, D, p
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_model_decode_with_the_ops_equals_the_torch_path(dtype, monkeypatch):
+def test_model_decode_with_the_ops_equals_the_torch_path(kernel_isa, dtype, monkeypatch):
     """Prefill then 6 decode steps of a tiny dense model: the C ops (norm, rotary, cache attention, SiLU) against
     the same model with them switched off (every op then returns None)."""
     config = Ernie45Config(
@@ -178,7 +178,7 @@ def test_model_decode_with_the_ops_equals_the_torch_path(dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_paged_decode_attention_writes_slots_and_equals_torch(dtype):
+def test_paged_decode_attention_writes_slots_and_equals_torch(kernel_isa, dtype):
     """Three sequences of different lengths whose context slots are scattered over the engine's [slots, K, D]."""
     torch.manual_seed(7)
     slots, N, K, D = 64, 8, 2, 32

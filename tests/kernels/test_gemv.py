@@ -1,4 +1,5 @@
-"""The gemv kernel against F.linear (in float64 on the same inputs), its argument checks, build cache and off switches.
+"""The gemv kernel against F.linear (in float64 on the same inputs) on every ISA target, its argument checks and off
+switches (the build and its cache: test_build.py).
 
 Nothing here skips when the compiler is missing: the kernel is part of the package and CI has gcc, so a failed
 build is a failed test. Legend: M rows of x, N output features, K input features.
@@ -16,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ernie45.kernels import gemv
+from ernie45.kernels import build, gemv
 
 # Output rounding of each dtype (half an ulp, relative) on top of the fp32 accumulation-order error.
 OUTPUT_RTOL = {torch.float32: 0.0, torch.bfloat16: 2**-8, torch.float16: 2**-11}
@@ -62,9 +63,9 @@ def test_available(lib):
 @pytest.mark.parametrize("K", [1000, 37, 1024])
 @pytest.mark.parametrize("N", [5, 1029])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_matches_linear(lib, M, K, N, with_bias):
+def test_matches_linear(kernel_isa, M, K, N, with_bias):
     g = torch.Generator().manual_seed(M * 1000 + K + N)
-    for w_dtype in weight_dtypes(lib):
+    for w_dtype in weight_dtypes(gemv._library()):
         # x in fp32 (widening path) and in the weight's dtype (a model's forward; bf16 x bf16 may use dot products).
         for x_dtype in dict.fromkeys([torch.float32, w_dtype]):
             w = torch.randn(N, K, generator=g).to(w_dtype)
@@ -74,16 +75,16 @@ def test_matches_linear(lib, M, K, N, with_bias):
             assert_matches_linear(x, w, bias)
 
 
-def test_every_row_count_and_odd_sizes(lib):
+def test_every_row_count_and_odd_sizes(kernel_isa):
     """Each M from 1 to 16 (full and partial row tiles) against odd N (partial weight tiles, ragged thread slices)."""
     g = torch.Generator().manual_seed(0)
-    for w_dtype in weight_dtypes(lib):
+    for w_dtype in weight_dtypes(gemv._library()):
         w = torch.randn(2053, 67, generator=g).to(w_dtype)
         for M in range(1, gemv.MAX_ROWS + 1):
             assert_matches_linear(torch.randn(M, 67, generator=g).to(w_dtype), w)
 
 
-def test_leading_dims_and_noncontiguous_x(lib):
+def test_leading_dims_and_noncontiguous_x(kernel_isa):
     w = torch.randn(64, 40)
     x_BTK = torch.randn(2, 3, 40)
     assert gemv.gemv(x_BTK, w).shape == (2, 3, 64)
@@ -99,7 +100,7 @@ def test_bias_dtype_may_differ_from_weight(lib):
     assert_matches_linear(torch.randn(2, 50), w, torch.randn(33))
 
 
-def test_same_result_for_any_thread_count(lib):
+def test_same_result_for_any_thread_count(kernel_isa):
     """Each output is summed by one thread in a fixed order, so threading never changes the bits."""
     x, w = torch.randn(4, 1000), torch.randn(3000, 1000)
     threads = torch.get_num_threads()
@@ -113,7 +114,7 @@ def test_same_result_for_any_thread_count(lib):
     assert torch.equal(y1, y2)
 
 
-def test_nonfinite_values_propagate(lib):
+def test_nonfinite_values_propagate(kernel_isa):
     x = torch.randn(2, 40)
     x[0, 3] = float("inf")
     x[1, 5] = float("nan")
@@ -160,68 +161,27 @@ def test_shares_torchs_openmp_runtime(lib):
     """Loading the kernel maps no OpenMP runtime besides torch's (checked in a fresh process: other wheels in this
     one, e.g. sentencepiece, bring their own under a different soname)."""
     script = (
-        "import json, torch; from ernie45.kernels import gemv; before = sorted(gemv.openmp_runtimes()); "
+        "import json, torch; from ernie45.kernels import build, gemv; before = sorted(build.openmp_runtimes()); "
         "gemv.gemv(torch.randn(1, 4096), torch.randn(4096, 4096)); "
-        "print(json.dumps([before, sorted(gemv.openmp_runtimes())]))"
+        "print(json.dumps([before, sorted(build.openmp_runtimes())]))"
     )
     out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True).stdout
     before, after = json.loads(out)
     assert after == before and len(after) == 1 and "torch" in after[0], out
 
 
-@pytest.mark.skipif(not X86, reason="the ISA flags below are x86 flags")
-@pytest.mark.parametrize("extra_flags", [("-mno-avx512f",), ("-march=x86-64",)], ids=["avx2", "baseline-sse"])
-def test_other_isa_builds_match_linear(lib, monkeypatch, extra_flags):
-    """The paths other machines take (AVX2; SSE without F16C), built here with CPU features switched off."""
-    other = gemv.load(gemv.build(gemv.COMPILE_FLAGS + extra_flags))
-    monkeypatch.setattr(gemv, "_library", lambda: other)
-    g = torch.Generator().manual_seed(1)
-    for w_dtype in weight_dtypes(other):
-        w = torch.randn(1029, 37, generator=g).to(w_dtype)
-        bias = torch.randn(1029, generator=g)
-        for M in (1, 3, 16):
-            assert_matches_linear(torch.randn(M, 37, generator=g).to(w_dtype), w, bias)
-            assert_matches_linear(torch.randn(M, 37, generator=g), w)
-    if "-march=x86-64" in extra_flags:
-        assert torch.float16 not in other.dtype_codes  # no F16C: fp16 is refused, not mis-converted
+@pytest.mark.skipif(not X86, reason="the generic x86-64 target is the one without F16C")
+def test_generic_x86_build_refuses_fp16(monkeypatch):
+    """The baseline x86-64 build has no F16C: fp16 is refused (F.linear takes it), never mis-converted."""
+    monkeypatch.setenv("ERNIE45_KERNEL_ISA", "generic")
+    build.forget_loaded_kernels()
+    try:
+        assert torch.float16 not in gemv._library().dtype_codes
         assert not gemv.supports(torch.randn(1, 8).half(), torch.randn(4, 8).half())
-
-
-def test_build_is_cached_by_content(monkeypatch, tmp_path):
-    monkeypatch.setenv("ERNIE45_KERNEL_CACHE", str(tmp_path))
-    quick_flags = ("-O0", "-fopenmp", "-shared", "-fPIC")  # the caching, not the code, is under test here
-    path = gemv.build(quick_flags)
-    assert path.parent == tmp_path and path.suffix == ".so"
-    assert list(tmp_path.iterdir()) == [path]  # no temporary files left behind
-    mtime = path.stat().st_mtime_ns
-    assert gemv.build(quick_flags) == path and path.stat().st_mtime_ns == mtime
-    compiler = gemv.find_compiler()
-    assert gemv.library_path(compiler, quick_flags) == path
-    assert gemv.library_path(compiler, quick_flags + ("-DPREFETCH_BYTES=65536",)) != path
-    assert gemv.library_path([*compiler, "-DSOMETHING"], quick_flags) != path
-    built = gemv.load(path)
-    monkeypatch.setattr(gemv, "_library", lambda: built)
-    assert_matches_linear(torch.randn(3, 37), torch.randn(11, 37).bfloat16())
-
-
-def test_cache_key_covers_included_headers(tmp_path):
-    """A kernel's local headers (scalar_types.h) are part of its build: editing one must not reuse a stale build."""
-    source, header = tmp_path / "k.c", tmp_path / "h.h"
-    source.write_text('#include "h.h"\nint f(void) { return VALUE; }\n')
-    header.write_text("#define VALUE 1\n")
-    compiler = gemv.find_compiler()
-    before = gemv.library_path(compiler, source=source)
-    header.write_text("#define VALUE 2\n")
-    assert gemv.library_path(compiler, source=source) != before
-    assert "scalar_types.h" in (gemv.SOURCE_PATH.parent / "qgemv.c").read_text()  # the real kernels include it
-
-
-def test_cache_dir_follows_environment(monkeypatch, tmp_path):
-    monkeypatch.delenv("ERNIE45_KERNEL_CACHE", raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert gemv.cache_dir() == tmp_path / "ernie45" / "kernels"
-    monkeypatch.setenv("ERNIE45_KERNEL_CACHE", str(tmp_path / "elsewhere"))
-    assert gemv.cache_dir() == tmp_path / "elsewhere"
+        assert gemv.supports(torch.randn(1, 8).bfloat16(), torch.randn(4, 8).bfloat16())
+    finally:
+        monkeypatch.undo()
+        build.forget_loaded_kernels()
 
 
 @pytest.fixture
@@ -246,7 +206,7 @@ def test_failed_build_is_logged_once_and_never_raises(monkeypatch, tmp_path, cap
     compiler.chmod(compiler.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("CC", str(compiler))
     monkeypatch.setenv("ERNIE45_KERNEL_CACHE", str(tmp_path / "cache"))
-    with caplog.at_level(logging.WARNING, logger=gemv.__name__):
+    with caplog.at_level(logging.WARNING, logger=build.__name__):
         assert not gemv.available()
         assert not gemv.available()
         assert not gemv.supports(torch.randn(1, 8), torch.randn(4, 8))

@@ -57,7 +57,7 @@ def planned(cache) -> bool:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bits", [None, 8, 4])
 @pytest.mark.parametrize("batch", [1, 2])
-def test_fused_step_equals_op_by_op_bit_for_bit(dtype, bits, batch):
+def test_fused_step_equals_op_by_op_bit_for_bit(kernel_isa, dtype, bits, batch):
     model = build(dtype, bits)
     fused, cache = decode(model, batch)
     reference, _ = decode(model, batch, fused=False)
