@@ -15,13 +15,15 @@
  * So dot(w, x) = sum_g s_g * (dot(q_g, x_g) - z_g * sum(x_g)): the scale and zero are applied once per group.
  *
  * Two ways to form dot(q_g, x_g):
- * - integer (4-bit and 2-bit codes, group size a multiple of 64 up to 4096, at most 2 rows of x; AVX-512 VNNI or
- *   AVX2): x is rounded once per call to 16-bit integers per group, x_g ~ sx_g * (256 * hi + lo) with hi, lo
- *   int8 (|error| <= sx_g / 2 = max|x_g| / 65024: far finer than bf16's 2^-9 relative), and the codes are
- *   multiplied by hi and lo with u8 x s8 integer dot products (vpdpbusd, or vpmaddubsw + vpmaddwd on AVX2), 64 or
- *   32 products per instruction, exact in int32.
- *   Widening every code to fp32 instead (the float way) made int4 decode bound by the conversions at ~9 GB/s.
- * - float (8-bit codes, other group sizes, other CPUs): codes widened to fp32 and multiplied with x in fp32.
+ * - integer (8-, 4- and 2-bit codes, group size a multiple of 64 up to 4096, at most 2 rows of x; AVX-512 VNNI
+ *   or AVX2): x is rounded once per call to 16-bit integers per group, x_g ~ sx_g * (256 * hi + lo) with hi, lo
+ *   int8 (base 255 for 8-bit codes on AVX2, see SIGNED_8BIT_CODES; |error| <= sx_g / 2 <= max|x_g| / 64770: far
+ *   finer than bf16's 2^-9 relative), and the codes are multiplied by hi and lo with u8 x s8 integer dot products
+ *   (vpdpbusd, or vpmaddubsw + vpmaddwd on AVX2), 64 or 32 products per instruction, exact in int32. This is
+ *   llama.cpp's idea (q8_0 activations against quantized weights) at 16 bits of x instead of 8.
+ *   Widening every code to fp32 instead (the float way) made int4 decode bound by the conversions at ~9 GB/s, and
+ *   int8 decode slower than fp32's on AVX2.
+ * - float (other group sizes, more rows of x, other CPUs): codes widened to fp32 and multiplied with x in fp32.
  *
  * Plain C with GCC vector extensions (one code path for AVX-512 and AVX2; -march=native picks the widths).
  * Shares torch's OpenMP runtime (loaded after torch) and takes the thread count as an argument, as gemv.c does.
@@ -223,7 +225,9 @@ INLINE ivec ivec_load(const int8_t *x) { return _mm512_loadu_si512(x); }
 INLINE ivec idot(ivec acc, ivec codes, ivec x) { return _mm512_dpbusd_epi32(acc, codes, x); }
 /* The 64 codes of unit u of a packed row, in weight order, one byte each. */
 INLINE void unit_codes(const uint8_t *row, int64_t u, int BITS, ivec out[UNIT_VECS]) {
-    if (BITS == 4) {
+    if (BITS == 8) {
+        out[0] = _mm512_loadu_si512(row + u * 64); /* 64 consecutive codes, one byte each */
+    } else if (BITS == 4) {
         /* Blocks A, B (weights 0-31, 32-63; low nibbles then high nibbles) -> [lo A, lo B, 16 hi A, 16 hi B]:
          * weights 0-15, 32-47, 16-31, 48-63, the order quantize_x writes x in (unit_slot). The 32 bytes loaded into
          * both halves and masked with 0x0f / 0xf0 at once: the high nibbles stay in place, 16x their value, and
@@ -239,6 +243,7 @@ INLINE void unit_codes(const uint8_t *row, int64_t u, int BITS, ivec out[UNIT_VE
         out[0] = _mm512_and_si512(_mm512_srlv_epi32(b, shifts), _mm512_set1_epi8(0x03));
     }
 }
+INLINE ivec idot_codes(ivec acc, ivec codes, ivec x, int BITS) { (void)BITS; return idot(acc, codes, x); }
 INLINE f32x16 ivec_to_f32x16(ivec v) { return (f32x16)_mm512_cvtepi32_ps(v); }
 /* Per-lane factor of a row's float total: 4-bit codes' upper lanes hold 16x their dot products (unit_codes). */
 INLINE f32x16 unit_lane_scale(int BITS) {
@@ -258,8 +263,21 @@ INLINE ivec idot(ivec acc, ivec codes, ivec x) {
     const __m256i pairs = _mm256_maddubs_epi16(codes, x);
     return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
 }
+/* 8-bit codes are signed here (q - 128, SIGNED_8BIT_CODES): vpmaddubsw's u8 x s8 pairs of a u8 code (<= 255) and
+ * x (<= 127) would saturate int16; |q - 128| x (x * sign(q - 128)) stays within 2 * 128 * 127. */
+#define SIGNED_8BIT_CODES 1
+INLINE ivec idot_codes(ivec acc, ivec codes, ivec x, int BITS) {
+    if (BITS != 8) return idot(acc, codes, x);
+    const __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(codes, codes), _mm256_sign_epi8(x, codes));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
 INLINE void unit_codes(const uint8_t *row, int64_t u, int BITS, ivec out[UNIT_VECS]) {
-    if (BITS == 4) {
+    if (BITS == 8) {
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; ++h)
+            out[h] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(row + u * 64 + h * 32)),
+                                      _mm256_set1_epi8((char)0x80));
+    } else if (BITS == 4) {
 #pragma GCC unroll 2
         for (int h = 0; h < 2; ++h) {
             const __m256i b = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(row + u * 32 + h * 16)));
@@ -289,13 +307,28 @@ INLINE f32x16 ivec_to_f32x16(ivec v) {
 #ifdef INT_DOT
 typedef int32_t i32vec __attribute__((vector_size(sizeof(ivec))));
 
+/* x as integers per group: x_g ~ sx_g * (X_BASE * hi + lo), |X_BASE * hi + lo| <= X_RANGE. hi in [-127, 127] and
+ * lo in [-128, 127] (base 256), or both in [-127, 127] (base 255) where the sign trick of SIGNED_8BIT_CODES
+ * needs x != -128. Either way the rounding error is at most max|x_g| / (2 * 32385) = max|x_g| / 64770. */
+#ifdef SIGNED_8BIT_CODES
+#define X_BASE(BITS) ((BITS) == 8 ? 255 : 256)
+#define X_RANGE(BITS) ((BITS) == 8 ? 32385 : 32512)
+#define CODE_OFFSET(BITS) ((BITS) == 8 ? 128.0f : 0.0f) /* the codes' dot products are with q - CODE_OFFSET */
+#else
+#define X_BASE(BITS) 256
+#define X_RANGE(BITS) 32512
+#define CODE_OFFSET(BITS) 0.0f
+#endif
+
 /* Groups whose per-row factors are prepared at a time (stack arrays of TILE_R * 2 * GROUP_CHUNK floats). */
 #define GROUP_CHUNK 64
 
 /* Integer analogue of rows_direct for TILE_R weight rows and MT <= 2 rows of x: xhi/xlo [M, K] int8 and
- * xscale [M, groups] from quantize_x. Per group, the int32 sums 256 * dot(q, hi) + dot(q, lo) (per lane at most
- * 240 * 127 * 257 * group_size / 64 * 4 with the 16x high nibbles of the AVX-512 4-bit codes, 2.0e9 at the
- * largest group size callers allow, 4096: inside int32) are scaled once by s * sx. The per-group
+ * xscale [M, groups] from quantize_x. Per group, the int32 sums X_BASE * dot(q, hi) + dot(q, lo) are scaled once
+ * by s * sx. They stay inside int32 (2^31 = 2.147e9) up to the largest group size callers allow, 4096: per lane
+ * at most max|q| * X_RANGE * (products per lane) = 240 * 32512 * G / 16 (AVX-512 4-bit, high nibbles 16x) =
+ * 2.00e9, 255 * 32512 * G / 16 (AVX-512 8-bit) = 2.12e9, 128 * 32385 * G / 8 (AVX2 8-bit, q - 128) = 2.12e9,
+ * and X_BASE * dot(q, hi) alone no more. The per-group
  * scalars (scale s times sx; the zero-point term s * z * sum(x_g)) are computed for a chunk of groups ahead of
  * the dot products, in loops the compiler vectorizes: done per group inside the loop they cost as much as the
  * dot products themselves at 2 bits. */
@@ -327,10 +360,10 @@ INLINE void rows_int(const uint8_t *qw, int64_t row_bytes, const uint16_t *scale
                 for (; j + 8 <= gn; j += 8) {
                     const __m256 s8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s_row + j)));
                     _mm256_storeu_ps(&factor[r][m][j], _mm256_mul_ps(s8, _mm256_loadu_ps(sx + j)));
-                    const __m256 z8 = z_row ? _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
+                    const __m256 z8 = z_row ? _mm256_sub_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
                                                                 _mm_loadl_epi64((const __m128i *)(z_row + j)))),
-                                                            _mm256_set1_ps(zero_step))
-                                            : _mm256_set1_ps(zero_const);
+                                                            _mm256_set1_ps(zero_step)), _mm256_set1_ps(CODE_OFFSET(BITS)))
+                                            : _mm256_set1_ps(zero_const - CODE_OFFSET(BITS));
                     zt8 = _mm256_fmadd_ps(_mm256_mul_ps(s8, z8), _mm256_loadu_ps(xs + j), zt8);
                 }
                 /* horizontal sum in registers (storing the vector and reading its lanes back stalls on store
@@ -342,7 +375,7 @@ INLINE void rows_int(const uint8_t *qw, int64_t row_bytes, const uint16_t *scale
                 for (; j < gn; ++j) {
                     const float s = f16_to_f32(s_row[j]);
                     factor[r][m][j] = s * sx[j];
-                    zt += s * (z_row ? (float)z_row[j] * zero_step : zero_const) * xs[j];
+                    zt += s * ((z_row ? (float)z_row[j] * zero_step : zero_const) - CODE_OFFSET(BITS)) * xs[j];
                 }
                 zero_term[r][m] += zt;
             }
@@ -374,8 +407,8 @@ INLINE void rows_int(const uint8_t *qw, int64_t row_bytes, const uint16_t *scale
                     for (int v = 0; v < UNIT_VECS; ++v)
 #pragma GCC unroll 2
                         for (int m = 0; m < MT; ++m) {
-                            hi[r][m] = idot(hi[r][m], codes[v], xh[m][v]);
-                            lo[r][m] = idot(lo[r][m], codes[v], xl[m][v]);
+                            hi[r][m] = idot_codes(hi[r][m], codes[v], xh[m][v], BITS);
+                            lo[r][m] = idot_codes(lo[r][m], codes[v], xl[m][v], BITS);
                         }
                 }
             }
@@ -383,7 +416,7 @@ INLINE void rows_int(const uint8_t *qw, int64_t row_bytes, const uint16_t *scale
             for (int r = 0; r < R; ++r)
 #pragma GCC unroll 2
                 for (int m = 0; m < MT; ++m) {
-                    const ivec sum = (ivec)((i32vec)hi[r][m] * 256 + (i32vec)lo[r][m]);
+                    const ivec sum = (ivec)((i32vec)hi[r][m] * X_BASE(BITS) + (i32vec)lo[r][m]);
                     total[r][m] += factor[r][m][g - g0] * ivec_to_f32x16(sum);
                 }
         }
@@ -393,8 +426,8 @@ INLINE void rows_int(const uint8_t *qw, int64_t row_bytes, const uint16_t *scale
         for (int m = 0; m < MT; ++m) out[r][m] = hsum(total[r][m] * lane_scale) - zero_term[r][m];
 }
 
-/* x [M, K] (fp32) -> per group of G: scale sx = max|x_g| / 32512 and x_g / sx rounded to an integer
- * 256 * hi + lo with hi in [-127, 127] and lo in [-128, 127], each 64 values in unit_codes' order. */
+/* x [M, K] (fp32) -> per group of G: scale sx = max|x_g| / X_RANGE and x_g / sx rounded to an integer
+ * X_BASE * hi + lo (ranges at X_BASE), each 64 values in unit_codes' order. */
 static void quantize_x(const float *x, int64_t M, int64_t K, int64_t G, int BITS, int8_t *xhi, int8_t *xlo,
                        float *xscale) {
     /* Vectorized 8 values at a time (INT_DOT implies AVX2): at ~130 calls per decode step, a scalar version of
@@ -410,14 +443,22 @@ static void quantize_x(const float *x, int64_t M, int64_t K, int64_t G, int BITS
             float lanes[8], amax = 0.0f;
             _mm256_storeu_ps(lanes, amax8);
             for (int l = 0; l < 8; ++l) amax = lanes[l] > amax ? lanes[l] : amax;
-            const float sx = amax / 32512.0f, inv = amax > 0.0f ? 32512.0f / amax : 0.0f;
+            const float range = (float)X_RANGE(BITS);
+            const float sx = amax / range, inv = amax > 0.0f ? range / amax : 0.0f;
             xscale[m * groups + g] = sx;
             const __m256 inv8 = _mm256_set1_ps(inv);
             for (int64_t k = 0; k < G; k += 8) {
-                /* round to nearest (|v| <= 32512), then v = 256 * hi + lo with hi = floor((v + 128) / 256) */
+                /* round to nearest (|v| <= X_RANGE), then v = 256 * hi + lo with hi = floor((v + 128) / 256), or
+                 * v = 255 * hi + lo with hi = round(v / 255) (|lo| <= 127: v / 255 is never a half, 255 is odd) */
                 const __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xg + k), inv8));
-                const __m256i h = _mm256_srai_epi32(_mm256_add_epi32(v, _mm256_set1_epi32(128)), 8);
-                const __m256i l = _mm256_sub_epi32(v, _mm256_slli_epi32(h, 8));
+                __m256i h, l;
+                if (X_BASE(BITS) == 256) {
+                    h = _mm256_srai_epi32(_mm256_add_epi32(v, _mm256_set1_epi32(128)), 8);
+                    l = _mm256_sub_epi32(v, _mm256_slli_epi32(h, 8));
+                } else {
+                    h = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_cvtepi32_ps(v), _mm256_set1_ps(1.0f / 255.0f)));
+                    l = _mm256_sub_epi32(v, _mm256_sub_epi32(_mm256_slli_epi32(h, 8), h));
+                }
                 const __m128i h16 = _mm_packs_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
                 const __m128i l16 = _mm_packs_epi32(_mm256_castsi256_si128(l), _mm256_extracti128_si256(l, 1));
                 const int64_t at = m * K + g * G + (k & ~63) + unit_slot(k & 63, BITS);
@@ -606,11 +647,11 @@ int ernie45_qgemv_many(const void *x, int x_dtype, int bits, int64_t group_size,
     if (threads < 1) threads = 1;
     if (total_bytes < MIN_PARALLEL_BYTES) threads = 1;
     const int64_t groups = K / group_size;
-    /* The integer path: 4-bit and 2-bit codes, whole 64-weight units per group, int32 sums that cannot overflow,
+    /* The integer path: whole 64-weight units per group, int32 sums that cannot overflow,
      * at most 2 rows of x (with more, unpacking the codes once per pair of rows and the per-group scaling cost
      * more than the dequantize-then-FMA path: measured 0.6x of it at 16 rows, 2 bits). */
 #ifdef INT_DOT
-    const int use_int = M <= 2 && bits != 8 && group_size % 64 == 0 && group_size <= 4096;
+    const int use_int = M <= 2 && group_size % 64 == 0 && group_size <= 4096;
 #else
     const int use_int = 0;
 #endif

@@ -102,8 +102,8 @@ def qgemv(
     x's dtype.
 
     Symmetric weights pass zeros=None (zero point 2^(bits-1)). With `uses_integer_path` (batch-1 and batch-2
-    decode of 4-bit and 2-bit weights) the kernel takes its integer path: x is rounded per group to 16-bit
-    integers, so each output may differ from the fp32 product by up to sum_k |w_k| * max|x_group(k)| / 65024
+    decode of 8-, 4- and 2-bit weights) the kernel takes its integer path: x is rounded per group to 16-bit
+    integers, so each output may differ from the fp32 product by up to sum_k |w_k| * max|x_group(k)| / 64770
     (`integer_path_error_bound`). Raises RuntimeError if the kernel is unavailable or rejects the shapes. The result carries no autograd history.
     """
     return PreparedQgemv([(qweight, scales, zeros, bias)], bits, group_size)(x)[0]
@@ -179,14 +179,15 @@ class PreparedQgemv:
 
 
 def uses_integer_path(bits: int, group_size: int, rows: int) -> bool:
-    """Whether the kernel forms dot products in integers here (on x86 with AVX2 or AVX-512 VNNI): 4-bit and 2-bit
-    codes, group size a multiple of 64 (at most 4096), at most 2 rows of x (decode)."""
-    return bits in (4, 2) and group_size % 64 == 0 and group_size <= 4096 and rows <= 2
+    """Whether the kernel forms dot products in integers here (on x86 with AVX2 or AVX-512 VNNI): 8-, 4- and
+    2-bit codes, group size a multiple of 64 (at most 4096), at most 2 rows of x (decode)."""
+    return bits in (8, 4, 2) and group_size % 64 == 0 and group_size <= 4096 and rows <= 2
 
 
 def integer_path_error_bound(x: torch.Tensor, weight: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Per output, the most the integer path's rounding of x can move x @ weight^T: sum_k |w_k| * max|x_g(k)| / 65024
-    (x rounded to steps of max|x_g| / 32512, half a step at most); x [M, K], weight [N, K] dequantized."""
+    """Per output, the most the integer path's rounding of x can move x @ weight^T: sum_k |w_k| * max|x_g(k)| / 64770
+    (x rounded to steps of max|x_g| / 32512, or / 32385 for 8-bit codes on AVX2: half a step at most); x [M, K],
+    weight [N, K] dequantized."""
     group_max = x.float().abs().unflatten(-1, (-1, group_size)).amax(-1)
-    return group_max.repeat_interleave(group_size, dim=-1) @ weight.float().abs().T / 65024
+    return group_max.repeat_interleave(group_size, dim=-1) @ weight.float().abs().T / 64770
 

@@ -5,7 +5,7 @@ import torch
 
 from ernie45.kernels import qgemv
 from ernie45.models.layers import shared_input_projections
-from ernie45.quant.packing import PackedWeight
+from ernie45.quant.packing import PackedWeight, pack_codes
 from ernie45.quant.quantize import stack
 from ernie45.quant.quantized_linear import QuantizedExperts, QuantizedLinear
 from ernie45.quant.rtn import rtn_quantize
@@ -16,6 +16,7 @@ from .tiny_experts import tiny_experts
 SPECS = [
     QuantSpec(8, -1, True),
     QuantSpec(8, 32, False),
+    QuantSpec(8, 128, False),
     QuantSpec(4, 32, False),
     QuantSpec(4, 16, True),
     QuantSpec(4, 64, False),
@@ -53,8 +54,9 @@ def test_matches_dequantized_reference(spec, rows, path):
 def assert_within_kernel_error(y, expected, x, w, spec, kernel):
     """fp32-close, except that the integer path may also move each output by its documented rounding bound."""
     atol = torch.full_like(expected, 1e-4)
-    if kernel and qgemv.uses_integer_path(spec.bits, spec.group_size, x.shape[0]):
-        atol = atol + qgemv.integer_path_error_bound(x, w, spec.group_size) * 1.001
+    group_size = spec.group_size_for(x.shape[-1])
+    if kernel and qgemv.uses_integer_path(spec.bits, group_size, x.shape[0]):
+        atol = atol + qgemv.integer_path_error_bound(x, w, group_size) * 1.001
     assert ((y - expected).abs() <= atol + 1e-4 * expected.abs()).all(), (y - expected).abs().max()
 
 
@@ -68,6 +70,25 @@ def test_kernel_matches_dequantized_reference_on_every_isa(kernel_isa):
             x = torch.randn(rows, 256)
             y = qgemv.qgemv(x, packed.qweight, packed.scales, packed.zeros, packed.bits, packed.group_size)
             assert_within_kernel_error(y, x @ w.T, x, w, spec, kernel=True)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_integer_path_sums_stay_inside_int32_at_the_largest_group(kernel_isa, bits):
+    """The worst case of the int32 sums (qgemv.c, rows_int): every code at its maximum and every x at its group's
+    maximum |x|, in one group of 4096 (the largest the integer path takes), of both signs. An overflow would wrap
+    by 2^32 * scale: far outside the rounding bound."""
+    K, top = 4096, (1 << bits) - 1
+    packed = rtn_quantize(torch.randn(4, K, generator=torch.Generator().manual_seed(4)), QuantSpec(bits, K, False))
+    codes = torch.full((4, K), top, dtype=torch.uint8)
+    codes[1] = 0  # the most negative code on the signed (AVX2 8-bit) path
+    codes[2, ::2] = 0
+    packed.qweight.copy_(pack_codes(codes, bits))
+    w = packed.dequantize()
+    for sign in (1.0, -1.0):
+        x = torch.full((1, K), sign * 3.0)
+        y = qgemv.qgemv(x, packed.qweight, packed.scales, packed.zeros, bits, K)
+        assert qgemv.uses_integer_path(bits, K, 1)
+        assert_within_kernel_error(y, x @ w.T, x, w, QuantSpec(bits, K, False), kernel=True)
 
 
 def test_integer_path_error_is_small_next_to_bf16_rounding():
