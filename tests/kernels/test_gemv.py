@@ -59,7 +59,7 @@ def test_available(lib):
     assert gemv.available()
 
 
-@pytest.mark.parametrize("M", [1, 3, 16])
+@pytest.mark.parametrize("M", [1, 2, 3, 16])
 @pytest.mark.parametrize("K", [1000, 37, 1024])
 @pytest.mark.parametrize("N", [5, 1029])
 @pytest.mark.parametrize("with_bias", [False, True])
