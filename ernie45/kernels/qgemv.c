@@ -244,11 +244,14 @@ INLINE void unit_codes(const uint8_t *row, int64_t u, int BITS, ivec out[UNIT_VE
     }
 }
 INLINE ivec idot_codes(ivec acc, ivec codes, ivec x, int BITS) { (void)BITS; return idot(acc, codes, x); }
-INLINE f32x16 ivec_to_f32x16(ivec v) { return (f32x16)_mm512_cvtepi32_ps(v); }
+/* Float vectors as wide as ivec, for the per-group totals. */
+typedef float fvec __attribute__((vector_size(64)));
+INLINE fvec ivec_to_fvec(ivec v) { return (fvec)_mm512_cvtepi32_ps(v); }
+INLINE float fvec_sum(fvec v) { return _mm512_reduce_add_ps((__m512)v); }
 /* Per-lane factor of a row's float total: 4-bit codes' upper lanes hold 16x their dot products (unit_codes). */
-INLINE f32x16 unit_lane_scale(int BITS) {
+INLINE fvec unit_lane_scale(int BITS) {
     const float h = BITS == 4 ? 1.0f / 16.0f : 1.0f;
-    return (f32x16){1, 1, 1, 1, 1, 1, 1, 1, h, h, h, h, h, h, h, h};
+    return (fvec){1, 1, 1, 1, 1, 1, 1, 1, h, h, h, h, h, h, h, h};
 }
 /* Where weight j of a 64-weight unit sits in unit_codes' vector: 4-bit swaps the middle two quarters. */
 INLINE int64_t unit_slot(int64_t j, int BITS) { return BITS == 4 ? (j & ~48) | ((j & 16) << 1) | ((j & 32) >> 1) : j; }
@@ -292,15 +295,18 @@ INLINE void unit_codes(const uint8_t *row, int64_t u, int BITS, ivec out[UNIT_VE
     }
 }
 INLINE int64_t unit_slot(int64_t j, int BITS) { (void)BITS; return j; }
-INLINE f32x16 unit_lane_scale(int BITS) {
-    (void)BITS;
-    return (f32x16){1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
+/* Float vectors as wide as ivec (8 lanes, not f32x16's 16: two registers each, half of them zeros, spilled the
+ * totals of a 4-row tile out of AVX2's 16 registers). */
+typedef float fvec __attribute__((vector_size(32)));
+INLINE fvec ivec_to_fvec(ivec v) { return (fvec)_mm256_cvtepi32_ps(v); }
+INLINE float fvec_sum(fvec v) {
+    __m128 half = _mm_add_ps(_mm256_castps256_ps128((__m256)v), _mm256_extractf128_ps((__m256)v, 1));
+    half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    return _mm_cvtss_f32(_mm_add_ss(half, _mm_movehdup_ps(half)));
 }
-INLINE f32x16 ivec_to_f32x16(ivec v) {
-    const __m256 lo = _mm256_cvtepi32_ps(v);
-    f32x16 out = {0};
-    memcpy(&out, &lo, sizeof lo);
-    return out;
+INLINE fvec unit_lane_scale(int BITS) {
+    (void)BITS;
+    return (fvec){1, 1, 1, 1, 1, 1, 1, 1};
 }
 #endif
 
@@ -337,11 +343,11 @@ INLINE void rows_int(const uint8_t *qw, int64_t row_bytes, const uint16_t *scale
                      const float *xsum, int MT, int64_t K, int64_t G, int BITS, float out[TILE_R][2]) {
     const int64_t groups = K / G, units_per_group = G / 64, unit_bytes = 8 * BITS;
     const float zero_step = (float)(1 << BITS) / 256.0f;
-    f32x16 total[TILE_R][2];
+    fvec total[TILE_R][2];
     float zero_term[TILE_R][2];
 #pragma GCC unroll 4
     for (int r = 0; r < TILE_R; ++r) {
-        total[r][0] = total[r][1] = (f32x16){0};
+        total[r][0] = total[r][1] = (fvec){0};
         zero_term[r][0] = zero_term[r][1] = 0.0f;
     }
     float factor[TILE_R][2][GROUP_CHUNK];
@@ -417,13 +423,13 @@ INLINE void rows_int(const uint8_t *qw, int64_t row_bytes, const uint16_t *scale
 #pragma GCC unroll 2
                 for (int m = 0; m < MT; ++m) {
                     const ivec sum = (ivec)((i32vec)hi[r][m] * X_BASE(BITS) + (i32vec)lo[r][m]);
-                    total[r][m] += factor[r][m][g - g0] * ivec_to_f32x16(sum);
+                    total[r][m] += factor[r][m][g - g0] * ivec_to_fvec(sum);
                 }
         }
     }
-    const f32x16 lane_scale = unit_lane_scale(BITS);
+    const fvec lane_scale = unit_lane_scale(BITS);
     for (int r = 0; r < R; ++r)
-        for (int m = 0; m < MT; ++m) out[r][m] = hsum(total[r][m] * lane_scale) - zero_term[r][m];
+        for (int m = 0; m < MT; ++m) out[r][m] = fvec_sum(total[r][m] * lane_scale) - zero_term[r][m];
 }
 
 /* x [M, K] (fp32) -> per group of G: scale sx = max|x_g| / X_RANGE and x_g / sx rounded to an integer
