@@ -245,7 +245,11 @@ INLINE void unit_codes(const uint8_t *row, int64_t u, int BITS, ivec out[UNIT_VE
         out[0] = _mm512_and_si512(_mm512_srlv_epi32(b, shifts), _mm512_set1_epi8(0x03));
     }
 }
-INLINE ivec idot_codes(ivec acc, ivec codes, ivec x, int BITS) { (void)BITS; return idot(acc, codes, x); }
+/* acc += the unit's dot products (int32 lanes). */
+INLINE ivec unit_dot(ivec acc, const ivec codes[UNIT_VECS], const ivec x[UNIT_VECS], int BITS) {
+    (void)BITS;
+    return idot(acc, codes[0], x[0]);
+}
 /* Float vectors as wide as ivec, for the per-group totals. */
 typedef float fvec __attribute__((vector_size(64)));
 INLINE fvec ivec_to_fvec(ivec v) { return (fvec)_mm512_cvtepi32_ps(v); }
@@ -271,10 +275,22 @@ INLINE ivec idot(ivec acc, ivec codes, ivec x) {
 /* 8-bit codes are signed here (q - 128, SIGNED_8BIT_CODES): vpmaddubsw's u8 x s8 pairs of a u8 code (<= 255) and
  * x (<= 127) would saturate int16; |q - 128| x (x * sign(q - 128)) stays within 2 * 128 * 127. */
 #define SIGNED_8BIT_CODES 1
-INLINE ivec idot_codes(ivec acc, ivec codes, ivec x, int BITS) {
-    if (BITS != 8) return idot(acc, codes, x);
-    const __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(codes, codes), _mm256_sign_epi8(x, codes));
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+/* acc += the unit's dot products. 4- and 2-bit: the two vectors' int16 pair sums are added before one widening
+ * vpmaddwd (|pair| <= 2 * 15 * 128, two of them far inside int16): 5 instructions per unit instead of 6. 8-bit
+ * codes' pairs may reach 2 * 128 * 127, so each vector widens on its own. */
+INLINE ivec unit_dot(ivec acc, const ivec codes[UNIT_VECS], const ivec x[UNIT_VECS], int BITS) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    if (BITS == 8) {
+#pragma GCC unroll 2
+        for (int v = 0; v < UNIT_VECS; ++v) {
+            const __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(codes[v], codes[v]),
+                                                       _mm256_sign_epi8(x[v], codes[v]));
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, ones));
+        }
+        return acc;
+    }
+    const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(codes[0], x[0]), _mm256_maddubs_epi16(codes[1], x[1]));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, ones));
 }
 INLINE void unit_codes(const uint8_t *row, int64_t u, int BITS, ivec out[UNIT_VECS]) {
     if (BITS == 8) {
@@ -283,12 +299,11 @@ INLINE void unit_codes(const uint8_t *row, int64_t u, int BITS, ivec out[UNIT_VE
             out[h] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(row + u * 64 + h * 32)),
                                       _mm256_set1_epi8((char)0x80));
     } else if (BITS == 4) {
-#pragma GCC unroll 2
-        for (int h = 0; h < 2; ++h) {
-            const __m256i b = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(row + u * 32 + h * 16)));
-            const __m256i shifted = _mm256_srlv_epi32(b, _mm256_set_epi32(4, 4, 4, 4, 0, 0, 0, 0));
-            out[h] = _mm256_and_si256(shifted, _mm256_set1_epi8(0x0f));
-        }
+        /* Blocks A, B (weights 0-31, 32-63): low nibbles [lo A, lo B] = weights 0-15, 32-47, high nibbles 16-31,
+         * 48-63: unit_slot's order, as with AVX-512. One load and three ops per 64 weights. */
+        const __m256i q = _mm256_loadu_si256((const __m256i *)(row + u * 32));
+        out[0] = _mm256_and_si256(q, _mm256_set1_epi8(0x0f));
+        out[1] = _mm256_and_si256(_mm256_srli_epi16(q, 4), _mm256_set1_epi8(0x0f));
     } else {
         const __m256i b = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(row + u * 16)));
         const __m256i mask = _mm256_set1_epi8(0x03);
@@ -296,7 +311,7 @@ INLINE void unit_codes(const uint8_t *row, int64_t u, int BITS, ivec out[UNIT_VE
         out[1] = _mm256_and_si256(_mm256_srlv_epi32(b, _mm256_set_epi32(6, 6, 6, 6, 4, 4, 4, 4)), mask);
     }
 }
-INLINE int64_t unit_slot(int64_t j, int BITS) { (void)BITS; return j; }
+INLINE int64_t unit_slot(int64_t j, int BITS) { return BITS == 4 ? (j & ~48) | ((j & 16) << 1) | ((j & 32) >> 1) : j; }
 /* Float vectors as wide as ivec (8 lanes, not f32x16's 16: two registers each, half of them zeros, spilled the
  * totals of a 4-row tile out of AVX2's 16 registers). */
 typedef float fvec __attribute__((vector_size(32)));
@@ -412,12 +427,10 @@ INLINE void rows_int(const uint8_t *qw, int64_t row_bytes, const uint16_t *scale
                     ivec codes[UNIT_VECS];
                     unit_codes(qw + (n0 + r) * row_bytes, u, BITS, codes);
 #pragma GCC unroll 2
-                    for (int v = 0; v < UNIT_VECS; ++v)
-#pragma GCC unroll 2
-                        for (int m = 0; m < MT; ++m) {
-                            hi[r][m] = idot_codes(hi[r][m], codes[v], xh[m][v], BITS);
-                            lo[r][m] = idot_codes(lo[r][m], codes[v], xl[m][v], BITS);
-                        }
+                    for (int m = 0; m < MT; ++m) {
+                        hi[r][m] = unit_dot(hi[r][m], codes, xh[m], BITS);
+                        lo[r][m] = unit_dot(lo[r][m], codes, xl[m], BITS);
+                    }
                 }
             }
 #pragma GCC unroll 4
