@@ -101,8 +101,8 @@ def qgemv(
     """x [..., K] @ dequant(qweight [N, row_bytes], scales fp16 / zeros uint8 [N, K/group_size])^T + bias, in
     x's dtype.
 
-    Symmetric weights pass zeros=None (zero point 2^(bits-1)). With `uses_integer_path` (batch-1 and batch-2
-    decode of 8-, 4- and 2-bit weights) the kernel takes its integer path: x is rounded per group to 16-bit
+    Symmetric weights pass zeros=None (zero point 2^(bits-1)). With `uses_integer_path` (8-, 4- and 2-bit
+    weights in groups of 64..4096) the kernel takes its integer path: x is rounded per group to 16-bit
     integers, so each output may differ from the fp32 product by up to sum_k |w_k| * max|x_group(k)| / 64770
     (`integer_path_error_bound`). Raises RuntimeError if the kernel is unavailable or rejects the shapes. The result carries no autograd history.
     """
@@ -178,10 +178,10 @@ class PreparedQgemv:
         return tuple(ys)
 
 
-def uses_integer_path(bits: int, group_size: int, rows: int) -> bool:
-    """Whether the kernel forms dot products in integers here (on x86 with AVX2 or AVX-512 VNNI): 8-, 4- and
-    2-bit codes, group size a multiple of 64 (at most 4096), at most 2 rows of x (decode)."""
-    return bits in (8, 4, 2) and group_size % 64 == 0 and group_size <= 4096 and rows <= 2
+def uses_integer_path(bits: int, group_size: int) -> bool:
+    """Whether the kernel forms dot products in integers (on x86 with AVX2 or AVX-512 VNNI; any number of rows of
+    x): 8-, 4- and 2-bit codes, group size a multiple of 64 (at most 4096)."""
+    return bits in (8, 4, 2) and group_size % 64 == 0 and group_size <= 4096
 
 
 def integer_path_error_bound(x: torch.Tensor, weight: torch.Tensor, group_size: int) -> torch.Tensor:
