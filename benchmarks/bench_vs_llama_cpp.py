@@ -4,6 +4,8 @@ checkpoint, each engine in its own process, rounds alternating, medians, ratios 
 Pairs (ours vs llama.cpp): fp32 vs f32, bf16 vs f16, int8 (symmetric per channel) vs q8_0, int4 (group 128) vs
 q4_0, 2-bit (group 64) vs q2_K. Ours quantizes with RTN (the runtime format, and so the speed, is the same for
 every method) and quantizes lm_head too, as llama.cpp's q8_0 / q4_0 / q2_K files quantize the tied output matrix.
+"ratio" divides the medians; "x/round" is the median over rounds of the ratio within a round (the two sides
+measured seconds apart, so the shared VM's drifting memory bandwidth, +-30% between minutes here, cancels out).
 Protocol of both sides: a 32-token prompt of random ids < 8000, 8 warm-up steps, then 3 runs of 128 greedy steps
 (one token in, argmax of its logits out); the median run gives tok/s. Each round also measures the machine's read
 bandwidth (summing a 1 GiB fp32 tensor, in ours' process) so that GB/s can be put next to it: ours reads every
@@ -17,6 +19,9 @@ Needs what ../shared/anchors/setup.sh builds (not a project dependency; llama.cp
 
     python benchmarks/bench_vs_llama_cpp.py --anchors /tmp/anchors --rounds 2
     python benchmarks/bench_vs_llama_cpp.py --pairs int8,int4 --isa avx2    # our AVX2 build on an AVX-512 CPU
+    python benchmarks/bench_vs_llama_cpp.py --isa avx2 --llama-python $ANCHORS/llama-avx2-venv/bin/python
+        # both on AVX2: llama-cpp-python built with CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON
+        # -DGGML_F16C=ON -DGGML_AVX512=OFF" (pip install --no-binary)
 """
 
 from __future__ import annotations
@@ -218,9 +223,9 @@ def main() -> None:
                 print(f"  round {round_index + 1} {pair:5} {side:5} {r['tok_s']:6.1f} tok/s", flush=True)
 
     print(f"\n{cpu_description()}, {args.threads} threads, {args.rounds} rounds, ours' kernels: "
-          f"{results[pairs[0]]['ours'][0]['isa']}")
-    print(f"{'ours':6} {'llama.cpp':9} {'ours tok/s':>17} {'llama tok/s':>17} {'ratio':>5} {'ours GB/s':>9} "
-          f"{'llama GB/s':>10} {'mem GB/s':>8} {'ours %mem':>9}")
+          f"{results[pairs[0]]['ours'][0]['isa']}, llama.cpp: {llama_python}")
+    print(f"{'ours':6} {'llama.cpp':9} {'ours tok/s':>17} {'llama tok/s':>17} {'ratio':>5} {'x/round':>7} "
+          f"{'ours GB/s':>9} {'llama GB/s':>10} {'mem GB/s':>8} {'ours %mem':>9}")
     summary = []
     for pair in pairs:
         ours, llama = results[pair]["ours"], results[pair]["llama"]
@@ -230,13 +235,15 @@ def main() -> None:
         o_gbs, l_gbs = ours[0]["read_bytes"] * o / 1e9, llama[0]["read_bytes"] * ll / 1e9
         o_range = f"{min(r['tok_s'] for r in ours):.1f}-{max(r['tok_s'] for r in ours):.1f}"
         l_range = f"{min(r['tok_s'] for r in llama):.1f}-{max(r['tok_s'] for r in llama):.1f}"
+        # The ratio within each round (the two sides ran seconds apart) cancels the VM's drifting bandwidth.
+        per_round = statistics.median(a["tok_s"] / b["tok_s"] for a, b in zip(ours, llama))
         print(f"{pair:6} {PAIRS[pair]:9} {o:6.1f} ({o_range:>9}) {ll:6.1f} ({l_range:>9}) {o / ll:5.2f} "
-              f"{o_gbs:9.1f} {l_gbs:10.1f} {bandwidth:8.1f} {100 * o_gbs / bandwidth:8.0f}%")
-        summary.append({"ours": pair, "llama_cpp": PAIRS[pair], "ours_tok_s": o, "llama_tok_s": ll, "ratio": o / ll,
+              f"{per_round:7.2f} {o_gbs:9.1f} {l_gbs:10.1f} {bandwidth:8.1f} {100 * o_gbs / bandwidth:8.0f}%")
+        summary.append({"ours": pair, "llama_cpp": PAIRS[pair], "ours_tok_s": o, "llama_tok_s": ll, "ratio": o / ll, "ratio_per_round": per_round,
                         "ours_gb_s": o_gbs, "llama_gb_s": l_gbs, "read_bandwidth_gb_s": bandwidth,
                         "ours_runs": [r["tok_s"] for r in ours], "llama_runs": [r["tok_s"] for r in llama]})
     payload = {"cpu": cpu_description(), "threads": args.threads, "rounds": args.rounds,
-               "ours_isa": results[pairs[0]]["ours"][0]["isa"], "pairs": summary}
+               "ours_isa": results[pairs[0]]["ours"][0]["isa"], "llama_python": llama_python, "pairs": summary}
     print(json.dumps(payload))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(payload, indent=1))
