@@ -63,20 +63,6 @@ def cpu_description() -> str:
 # ---- ours (runs in this repo's Python) ----
 
 
-def measure_read_bandwidth() -> float:
-    """GB/s of summing a 1 GiB fp32 tensor: the memory roofline decode competes with."""
-    import torch
-
-    x = torch.ones(256 * 1024 * 1024)
-    x.sum()
-    times = []
-    for _ in range(5):
-        t = time.perf_counter()
-        x.sum()
-        times.append(time.perf_counter() - t)
-    return x.numel() * 4 / min(times) / 1e9
-
-
 def weight_bytes_per_step(model) -> int:
     """Bytes of every linear weight (+ scales, zeros, bias) a decode step streams; the embedding only gathers a
     row (with tied embeddings lm_head is that matrix, counted once)."""
@@ -101,6 +87,9 @@ def weight_bytes_per_step(model) -> int:
 
 def ours_worker(checkpoint: str, precision: str, threads: int) -> dict:
     import torch
+
+    # bench_model.py sits beside this script (sys.path[0]); the llama.cpp worker's venv needs none of it.
+    from bench_model import measure_read_bandwidth
 
     import ernie45
     from ernie45.generation.static_cache import StaticKVCache

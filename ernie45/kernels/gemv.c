@@ -283,11 +283,11 @@ INLINE void dot_tile_bf16_dot(const uint16_t *w, const uint16_t *x, int64_t K, i
 #define STREAM_PREFETCH_BYTES (16 * 1024)
 #endif
 
-/* sums[0][m] = dot(W[row, :], x[m, :]) for MT <= 2 rows of x, W's row read front to back; prefetches
- * `prefetch_ahead` bytes further along W (which, rows being contiguous, runs on into the next rows) unless
- * `prefetch_end` is reached. */
+/* sums[m] = dot(W[row, :], x[m, :]) for MT <= 2 rows of x (a constant at every call site), W's row read front
+ * to back; prefetches STREAM_PREFETCH_BYTES further along W (which, rows being contiguous, runs on into the next
+ * rows) until `prefetch_end`. */
 INLINE void dot_row_fma(const void *w, int kernel, const float *x, int64_t K, int MT, const char *prefetch_end,
-                        float sums[MAX_R][MAX_MT]) {
+                        float sums[2]) {
     const int64_t step = STREAM_UNROLL * VEC;
     const int bytes = weight_bytes(kernel);
     vfloat acc[STREAM_UNROLL][2];
@@ -313,18 +313,18 @@ INLINE void dot_row_fma(const void *w, int kernel, const float *x, int64_t K, in
     }
     for (int m = 0; m < MT; ++m) {
         vfloat total = (acc[0][m] + acc[1][m]) + (acc[2][m] + acc[3][m]);
-        sums[0][m] = horizontal_sum(total);
+        sums[m] = horizontal_sum(total);
     }
     for (; k < K; ++k) {
         const float w_k = load_scalar(w, kernel, k);
-        for (int m = 0; m < MT; ++m) sums[0][m] += w_k * x[m * K + k];
+        for (int m = 0; m < MT; ++m) sums[m] += w_k * x[m * K + k];
     }
 }
 
 #if HAVE_BF16_DOT
 /* dot_row_fma for bf16 W and bf16 x (pair dot products, 32 per instruction). */
 INLINE void dot_row_bf16_dot(const uint16_t *w, const uint16_t *x, int64_t K, int MT, const char *prefetch_end,
-                             float sums[MAX_R][MAX_MT]) {
+                             float sums[2]) {
     const int64_t step = STREAM_UNROLL * 32;
     __m512 acc[STREAM_UNROLL][2];
 #pragma GCC unroll 4
@@ -353,7 +353,7 @@ INLINE void dot_row_bf16_dot(const uint16_t *w, const uint16_t *x, int64_t K, in
                                          (__m512bh)_mm512_maskz_loadu_epi16(mask, x + K + k));
     }
     for (int m = 0; m < MT; ++m)
-        sums[0][m] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0][m], acc[1][m]),
+        sums[m] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0][m], acc[1][m]),
                                                         _mm512_add_ps(acc[2][m], acc[3][m])));
 }
 #endif
@@ -422,15 +422,17 @@ INLINE void gemv_rows(const GemvArgs *a, int kernel, int64_t n_begin, int64_t n_
     if (M <= 2) {
         for (int64_t n = n_begin; n < n_end; ++n) {
             const char *w_row = (const char *)a->w + n * row_bytes;
-            float sums[MAX_R][MAX_MT];
+            float sums[2];
 #if HAVE_BF16_DOT
-            if (kernel == KERNEL_BF16_DOT)
-                dot_row_bf16_dot((const uint16_t *)w_row, a->x, K, (int)M, slice_end, sums);
-            else
+            if (kernel == KERNEL_BF16_DOT) {
+                if (M == 1) dot_row_bf16_dot((const uint16_t *)w_row, a->x, K, 1, slice_end, sums);
+                else dot_row_bf16_dot((const uint16_t *)w_row, a->x, K, 2, slice_end, sums);
+            } else
 #endif
-                dot_row_fma(w_row, kernel, a->x, K, (int)M, slice_end, sums);
+            if (M == 1) dot_row_fma(w_row, kernel, a->x, K, 1, slice_end, sums);
+            else dot_row_fma(w_row, kernel, a->x, K, 2, slice_end, sums);
             const float bias = a->bias ? load_scalar(a->bias, a->bias_dtype, n) : 0.0f;
-            for (int m = 0; m < M; ++m) store_scalar(a->y, a->y_dtype, m * N + n, sums[0][m] + bias);
+            for (int m = 0; m < M; ++m) store_scalar(a->y, a->y_dtype, m * N + n, sums[m] + bias);
         }
         return;
     }

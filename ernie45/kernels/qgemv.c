@@ -72,9 +72,7 @@ typedef float f32x16_u __attribute__((vector_size(64), aligned(1), may_alias));
 #endif
 
 /* Rows of W per tile: independent FMA chains (M <= 2) and a tile small enough to stay in L1 (M > 2). */
-#ifndef TILE_R
 #define TILE_R 4
-#endif
 /* Rows of x per step of the dequantize-then-dot path: TILE_R * TILE_M accumulators + TILE_R weights + 1 x. */
 #define TILE_M 4
 #define MIN_PARALLEL_BYTES (1 << 15)
@@ -593,8 +591,8 @@ static void store_row_outputs(void *y, int y_dtype, const void *bias, int bias_d
 #define DEFINE_QGEMV(BITS)                                                                                        \
     static void qgemv_##BITS(const float *x, const float *xsum, const QgemvWeight *weights,                      \
                              const int64_t *tile_end, int64_t tile_rows, int count, int y_dtype, int64_t M,      \
-                             int64_t K, int64_t G, int threads, float *wbufs, const int8_t *xhi, const int8_t *xlo,                     \
-                             const float *xscale) {                                                               \
+                             int64_t K, int64_t G, int threads, float *wbufs, const int8_t *xhi,                  \
+                             const int8_t *xlo, const float *xscale) {                                            \
         _Pragma("omp parallel for schedule(static) num_threads(threads)")                                         \
         for (int64_t t = 0; t < tile_end[count - 1]; ++t) {                                                       \
             int i = 0;                                                                                            \
