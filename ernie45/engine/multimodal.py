@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models.vl_positions import token_types
+from ..models.vl_positions import rope_positions, token_types
 
 
 @dataclass
@@ -43,8 +43,8 @@ class MultimodalInputs:
         return self.embeds
 
 
-def prepare_multimodal(model, image_processor, video_processor, token_ids: list[int], data: dict):
-    """Prompt ids with one placeholder per image / video + {"image": [...], "video": [...]} -> (expanded ids,
+def prepare_multimodal(config, image_processor, video_processor, token_ids: list[int], data: dict):
+    """`config`: the VL model's config (no model needed: this runs in the client process). Prompt ids with one placeholder per image / video + {"image": [...], "video": [...]} -> (expanded ids,
     MultimodalInputs). Raises ValueError (MediaError for unusable media) on any mismatch."""
     from ..processing import expand_placeholders
 
@@ -59,12 +59,12 @@ def prepare_multimodal(model, image_processor, video_processor, token_ids: list[
         media.update(image_processor(list(images)))
     if videos:
         media.update(video_processor(list(videos)))
-    config = model.config
     inputs = expand_placeholders(token_ids, config, media.get("image_grid_thw"), media.get("video_grid_thw"))
     ids = inputs["input_ids"]
-    positions, delta = model.positions(
-        ids, media.get("image_grid_thw"), media.get("video_grid_thw"), inputs["mm_token_type_ids"]
-    )
+    vision = config.vision
+    positions, delta = rope_positions(ids, inputs["mm_token_type_ids"], media.get("image_grid_thw"),
+                                      media.get("video_grid_thw"), vision.spatial_merge_size,
+                                      vision.temporal_merge_size)
     is_image, is_video = ids[0] == config.image_token_id, ids[0] == config.video_token_id
     rows = torch.full_like(ids[0], -1)
     rows[is_image] = torch.arange(int(is_image.sum()))

@@ -9,6 +9,7 @@ that cheap). A request that could never fit is refused when added, so preemption
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
@@ -104,6 +105,35 @@ class Scheduler:
             batch.requests.append((request, num_new))
             budget -= num_new
         return batch
+
+    def update_from_output(
+        self,
+        batch: ScheduledBatch,
+        sampled_token_ids: list[list[int]],
+        on_token: Callable[[Request, int], RequestStatus | None],
+    ) -> list[Request]:
+        """After the model ran `batch`: advance each request's computed tokens, register its newly full blocks in
+        the prefix cache (computed tokens only, so a cached block never holds unverified KV), then append
+        `sampled_token_ids[i]` (the tokens row i of the batch sampled; empty when it did not sample) one at a time.
+        `on_token(request, token)` sees each appended token and returns a finished status when it ends the
+        sequence; later tokens of that row are dropped. Returns the requests that received tokens."""
+        for request, num_new in batch.requests:
+            request.num_computed_tokens += num_new
+            if self.enable_prefix_caching:
+                self.block_manager.cache_full_blocks(request.request_id, request.token_ids,
+                                                     request.num_computed_tokens, request.extra_keys)
+        progressed = []
+        for (request, _), tokens in zip(batch.requests, sampled_token_ids, strict=True):
+            if not tokens or request.finished:  # finished: aborted while the step ran
+                continue
+            progressed.append(request)
+            for token in tokens:
+                request.token_ids.append(token)
+                status = on_token(request, token)
+                if status is not None:
+                    self.finish(request, status)
+                    break
+        return progressed
 
     def _preempt(self, request: Request) -> None:
         self.block_manager.free(request.request_id)

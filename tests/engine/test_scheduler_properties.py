@@ -1,9 +1,8 @@
 """Scheduler + BlockManager, driven together without a model: a stateful property test (random arrivals, n > 1
 groups sharing a prompt, steps with random sampled tokens, aborts, early stops) and deterministic preemption tests.
 
-Each step is applied to the requests the way `LLMEngine.step` does it (`num_computed_tokens += n`,
-`cache_full_blocks`, sample a token when the step computed the request's last known token, finish at max_tokens),
-and checked against what the scheduler promises: the batch respects the token budget and the sequence limit, every
+Each step runs the real `Scheduler.schedule` and `Scheduler.update_from_output` (computed tokens, block caching,
+a sampled token when the step computed the request's last known token, finish at max_tokens), and is checked against what the scheduler promises: the batch respects the token budget and the sequence limit, every
 scheduled request holds the blocks it is about to write, running requests go first in age order and waiting ones
 are admitted FCFS, nobody is turned away while there is room, and memory is accounted exactly (blocks in use are
 exactly the running requests' blocks). A simulated KV cache records, for every block slot, which token prefix's KV
@@ -174,18 +173,24 @@ class Harness:
                 assert block.block_hash is None, f"write into block {block.block_id}, registered in the prefix cache"
                 self.kv[(block.block_id, p % bs)] = nodes[p]
 
-        # Update the requests as LLMEngine.step does.
+        # The scheduler's own update: computed tokens, block caching, sampled tokens appended, finishing. A request
+        # samples when the step computed its last known token; it ends at max_tokens, as the engine's output
+        # processing decides.
+        sampled = [[next_token()] if r.num_computed_tokens + n == r.num_tokens else [] for r, n in batch.requests]
+
+        def on_token(request: Request, token: int) -> RequestStatus | None:
+            return RequestStatus.FINISHED_LENGTH if request.num_output_tokens >= request.params.max_tokens else None
+
+        progressed = sched.update_from_output(batch, sampled, on_token)
+        assert [id(r) for r in progressed] == [id(r) for (r, _), t in zip(batch.requests, sampled) if t]
         for request, n in batch.requests:
-            request.num_computed_tokens += n
-            if self.caching:
-                bm.cache_full_blocks(
-                    request.request_id, request.token_ids, request.num_computed_tokens, request.extra_keys
-                )
-        for request, n in batch.requests:
-            if request.num_computed_tokens == request.num_tokens:
-                request.token_ids.append(next_token())
-                if request.num_output_tokens >= request.params.max_tokens:
-                    self.finish(request, RequestStatus.FINISHED_LENGTH)
+            assert request.num_computed_tokens <= request.num_tokens
+        for request in progressed:
+            if request.finished:
+                assert request.status is RequestStatus.FINISHED_LENGTH and not bm.has_request(request.request_id)
+                assert not any(r is request for r in sched.running)
+                self.live.remove(request)
+                self.finished.append(request)
 
     def _check_head_of_line_is_blocked(self, budget_left: int) -> None:
         """After admission stops, the head of the waiting queue really could not be admitted (work conservation)."""
