@@ -96,3 +96,28 @@ def to_released(name: str, param: torch.Tensor) -> Iterator[tuple[str, torch.Ten
             yield f"{prefix}.{e}.down_proj.{tail}", param[e]
     else:
         yield name, param
+
+
+class TextLayout:
+    """The text family (dense, MoE, MTP) as `models.registry.CheckpointLayout`: released per-expert names on disk."""
+
+    save_layouts = ("released",)
+
+    def targets_of(self, name: str, config) -> list[Target]:
+        return [target_of(name)]
+
+    def skip(self, target: Target, params: dict, config) -> bool:
+        if target.name == "lm_head.weight" and config.tie_word_embeddings:
+            return True  # some tied checkpoints carry a copy of the embedding; the tie wins
+        return target.name.startswith("model.mtp_") and target.name not in params  # beyond num_nextn_predict_layers
+
+    def count_mtp_layers(self, names, config) -> int:
+        """MTP depth present in the checkpoint (built only when its tensors are there), capped by the config's."""
+        depths = {int(n.split(".")[2]) for n in names if n.startswith("model.mtp_block.")}
+        present = max(depths) + 1 if depths else 0
+        return min(present, config.num_nextn_predict_layers or present)
+
+    def to_disk(self, params, config, layout: str) -> dict[str, torch.Tensor]:
+        if layout != "released":
+            raise ValueError("text models are saved in the released layout only (transformers reads it as is)")
+        return dict(kv for name, param in params for kv in to_released(name, param))

@@ -107,3 +107,23 @@ def released_state_dict(named_params: Iterator[tuple[str, torch.Tensor]], num_ex
     for name, rows in biases.items():
         out[name] = torch.cat([rows[0], rows[1]], dim=0)
     return out
+
+
+class VLLayout:
+    """The VL family as `models.registry.CheckpointLayout`: released names, or transformers' in-memory ones."""
+
+    save_layouts = LAYOUTS
+
+    def targets_of(self, name: str, config) -> list[Target]:
+        return targets_of(name, config.text.moe_num_experts)
+
+    def skip(self, target: Target, params: dict, config) -> bool:
+        return target.name == "lm_head.weight" and config.tie_word_embeddings
+
+    def count_mtp_layers(self, names, config) -> int:
+        return 0
+
+    def to_disk(self, params, config, layout: str) -> dict[str, torch.Tensor]:
+        if layout == "released":
+            return released_state_dict(params, config.text.moe_num_experts)
+        return dict(kv for name, param in params for kv in to_transformers(name, param))

@@ -1,5 +1,7 @@
-"""Load an HF-layout ERNIE 4.5 checkpoint: build on the meta device, then copy each safetensors tensor straight
-into its (uninitialised) parameter, so peak memory stays about one copy of the weights."""
+"""Load an HF-layout ERNIE 4.5 checkpoint of any family: the spec of config.json's model_type (`models.registry`)
+gives the config and model classes, the checkpoint layout and the fp32 parameters. Build on the meta device, then
+copy each safetensors tensor straight into its (uninitialised) parameter slot, so peak memory stays about one copy
+of the weights."""
 
 from __future__ import annotations
 
@@ -11,17 +13,12 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..models.config import Ernie45Config
-from ..models.ernie45 import Ernie45ForCausalLM
-from ..models.layers import RotaryEmbedding
-from ..models.vl_config import VL_MODEL_TYPES
+from ..models.registry import spec_for
 from ..quant.modules import apply_quantization_config
-from .hf_layout import Target, place, target_of
+from .hf_layout import Target, place
 from .hub import resolve_model_path
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Router weights and correction biases stay fp32 whatever the model dtype (as released and in transformers).
-FP32_PARAM_SUFFIXES = (".mlp.gate.weight", ".e_score_correction_bias")
 INDEX_FILE = "model.safetensors.index.json"
 
 
@@ -73,58 +70,42 @@ def _open(file: Path):
         raise ValueError(f"{file}: cannot read safetensors file (truncated or corrupt?): {exc}") from exc
 
 
-def count_mtp_layers(names, config: Ernie45Config) -> int:
-    """MTP depth present in the checkpoint (built only when its tensors are there)."""
-    depths = {int(n.split(".")[2]) for n in names if n.startswith("model.mtp_block.")}
-    present = max(depths) + 1 if depths else 0
-    return min(present, config.num_nextn_predict_layers or present)
-
-
-def build_empty_model(config: Ernie45Config, dtype: torch.dtype, num_mtp_layers: int = 0, device="cpu"):
-    """The model with uninitialised weights in `dtype` (router params fp32) on `device`, built via meta."""
+def build_empty_model(config, dtype: torch.dtype = torch.float32, num_mtp_layers: int = 0, device="cpu"):
+    """The model of `config`'s family (`models.registry`) with uninitialised weights in `dtype` (the spec's fp32
+    parameters in fp32) on `device`, built via meta."""
+    spec = spec_for(config)
     with torch.device("meta"):
-        model = Ernie45ForCausalLM(config, num_mtp_layers)
+        model = spec.model_class(config, num_mtp_layers)
     for name, p in model.named_parameters():
-        p.data = p.data.to(torch.float32 if name.endswith(FP32_PARAM_SUFFIXES) else dtype)
+        p.data = p.data.to(torch.float32 if spec.keeps_fp32(name) else dtype)
     model.to_empty(device=device)
     model.tie_weights()
-    # Non-persistent buffers are not in checkpoints: recompute them on the real device.
-    model.model.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.compression_ratio).to(device)
+    model.init_buffers()  # non-persistent buffers are not in checkpoints: recompute them on the real device
     return model
 
 
-def load_model(
-    model: str | Path, dtype: str | torch.dtype | None = "auto", device: str | torch.device = "cpu"
-) -> Ernie45ForCausalLM:
-    """Load a local checkpoint directory or hub id in eval mode: an `Ernie45ForCausalLM` for the text model types,
-    an `Ernie45VLForConditionalGeneration` for `ernie4_5_vl_moe` (chosen by config.json's model_type)."""
+def load_model(model: str | Path, dtype: str | torch.dtype | None = "auto", device: str | torch.device = "cpu"):
+    """Load a local checkpoint directory or hub id in eval mode, as the model class its config.json's model_type
+    names in `models.registry` (`Ernie45ForCausalLM` for the text types, `Ernie45VLForConditionalGeneration` for
+    `ernie4_5_vl_moe`)."""
     directory = resolve_model_path(model)
-    model_type = read_model_type(directory)
-    if model_type == "ernie4_5_moe_vl":
-        raise ValueError(
-            f"{directory}: config.json has the original remote-code VL format (model_type 'ernie4_5_moe_vl'); ernie45 "
-            "reads transformers' format (model_type 'ernie4_5_vl_moe' with text_config / vision_config): load the "
-            "checkpoint with transformers >= 5 and save_pretrained it, or use a checkpoint revision that ships it"
-        )
-    if model_type in VL_MODEL_TYPES:
-        from .vl_loader import load_vl_model
-
-        return load_vl_model(directory, dtype, device)
-    config = Ernie45Config.from_file(directory)
+    try:
+        spec = spec_for(read_model_type(directory))
+    except ValueError as exc:
+        raise ValueError(f"{directory / 'config.json'}: {exc}") from None
+    config = spec.config_class.from_file(directory)
     torch_dtype = parse_dtype(dtype, config.extra)
     weight_files = list_weight_files(directory)
-    mtp_layers = count_mtp_layers(weight_files, config)
-    net = build_empty_model(config, torch_dtype, mtp_layers, device)
+    net = build_empty_model(config, torch_dtype, spec.layout.count_mtp_layers(weight_files, config), device)
     if "quantization_config" in config.extra:
+        if not spec.supports_quantized_checkpoints:
+            raise ValueError(f"{directory}: packed (quantization_config) checkpoints of {spec.family} models are not "
+                             f"supported; load the full-precision checkpoint")
         # Packed checkpoint: the quantized modules replace the dense ones before their tensors are read.
         net = apply_quantization_config(net, config.extra["quantization_config"])
-
-    def skip(target: Target, params) -> bool:
-        if target.name == "lm_head.weight" and config.tie_word_embeddings:
-            return True  # some tied checkpoints carry a copy of the embedding; the tie wins
-        return target.name.startswith("model.mtp_") and target.name not in params  # beyond num_nextn_predict_layers
-
-    fill_weights(net, directory, weight_files, lambda name: [target_of(name)], skip)
+    layout = spec.layout
+    fill_weights(net, directory, weight_files, lambda name: layout.targets_of(name, config),
+                 lambda target, params: layout.skip(target, params, config))
     net.eval()
     net.source_dir = directory
     net.generation_config = _read_generation_config(directory)

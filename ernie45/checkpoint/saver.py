@@ -12,10 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..models.ernie45 import Ernie45ForCausalLM
-from ..models.ernie45_vl import Ernie45VLForConditionalGeneration
-from . import hf_layout_vl
-from .hf_layout import to_released
+from ..models.registry import spec_for
 from .loader import INDEX_FILE
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
@@ -33,23 +30,18 @@ _TOKENIZER_FILES = (
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
-def released_state_dict(model: Ernie45ForCausalLM | Ernie45VLForConditionalGeneration, layout: str = "released"):
-    """Tensor name -> tensor in the released layout, or (VL models) transformers' in-memory layout; tied head
-    omitted."""
-    if layout not in hf_layout_vl.LAYOUTS:
-        raise ValueError(f"layout {layout!r} is not one of {', '.join(hf_layout_vl.LAYOUTS)}")
+def released_state_dict(model: torch.nn.Module, layout: str = "released") -> dict[str, torch.Tensor]:
+    """Tensor name -> tensor in one of the layouts the model family's spec writes (`models.registry`: "released"
+    for every family, "transformers" for VL models); tied head omitted."""
+    spec = spec_for(model)
+    if layout not in spec.layout.save_layouts:
+        raise ValueError(f"layout {layout!r} is not one of {', '.join(spec.layout.save_layouts)} ({spec.family} models)")
     params = [
         (name, param.detach())
         for name, param in model.named_parameters(remove_duplicate=False)
         if not (name == "lm_head.weight" and model.config.tie_word_embeddings)
     ]
-    if isinstance(model, Ernie45VLForConditionalGeneration):
-        if layout == "released":
-            return hf_layout_vl.released_state_dict(params, model.config.text.moe_num_experts)
-        return dict(kv for name, param in params for kv in hf_layout_vl.to_transformers(name, param))
-    if layout != "released":
-        raise ValueError("text models are saved in the released layout only (transformers reads it as is)")
-    return dict(kv for name, param in params for kv in to_released(name, param))
+    return spec.layout.to_disk(params, model.config, layout)
 
 
 def _shard(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
@@ -66,7 +58,7 @@ def _shard(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, t
 
 
 def save_model(
-    model: Ernie45ForCausalLM,
+    model: torch.nn.Module,
     out_dir: str | Path,
     tokenizer=None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
@@ -112,7 +104,7 @@ def _write(model, tmp: Path, tokenizer, max_shard_bytes: int, layout: str) -> No
     config["dtype"] = _DTYPE_NAMES[model.dtype]
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     generation = dict(getattr(model, "generation_config", None) or {})
-    text_config = getattr(model.config, "text", model.config)
+    text_config = spec_for(model).text_config(model.config)
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         generation.setdefault(key, getattr(text_config, key))
     (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")

@@ -149,6 +149,12 @@ class Ernie45ForCausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    def init_buffers(self) -> None:
+        """Recompute the non-persistent buffers (RoPE frequencies) on the weights' device: checkpoints do not carry
+        them, and a model built on the meta device has none."""
+        c = self.config
+        self.model.rotary_emb = RotaryEmbedding(c.head_dim, c.rope_theta, c.compression_ratio).to(self.device)
+
     def forward_hidden(
         self,
         input_ids: torch.Tensor | None,

@@ -39,8 +39,10 @@ class Ernie45VLModel(nn.Module):
 class Ernie45VLForConditionalGeneration(nn.Module):
     """`model(input_ids, pixel_values=..., image_grid_thw=..., ...)` -> logits [B, T, V]."""
 
-    def __init__(self, config: Ernie45VLConfig):
+    def __init__(self, config: Ernie45VLConfig, num_mtp_layers: int = 0):
         super().__init__()
+        if num_mtp_layers:
+            raise ValueError(f"ERNIE 4.5 VL models have no MTP layers (asked for {num_mtp_layers})")
         self.config = config
         self.model = Ernie45VLModel(config)
         self.lm_head = Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
@@ -49,6 +51,15 @@ class Ernie45VLForConditionalGeneration(nn.Module):
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.language_model.embed_tokens.weight
+
+    def init_buffers(self) -> None:
+        """Recompute the non-persistent buffers (3-D RoPE and vision RoPE frequencies) on the weights' device:
+        checkpoints do not carry them, and a model built on the meta device has none."""
+        text, device = self.config.text, self.device
+        self.model.language_model.rotary_emb = MRotaryEmbedding(
+            text.head_dim, text.rope_theta, self.config.mrope_section
+        ).to(device)
+        self.model.vision_tower.inv_freq = VisionTransformer.compute_inv_freq(self.config.vision).to(device)
 
     @property
     def dtype(self) -> torch.dtype:
