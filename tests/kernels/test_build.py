@@ -7,9 +7,10 @@ import platform
 import pytest
 import torch
 
-from ernie45.kernels import blas, build, causal_attention, cross_entropy, decode_ops, gemv, qgemv
+from ernie45.kernels import blas, build, causal_attention, cross_entropy, decode_ops, gemv, paged_attention, qgemv
 
-KERNELS = {m.SOURCE_PATH.name: m for m in (gemv, qgemv, decode_ops, cross_entropy, causal_attention, blas)}
+KERNELS = {m.SOURCE_PATH.name: m for m in (gemv, qgemv, decode_ops, cross_entropy, causal_attention, blas,
+                                           paged_attention)}
 X86 = platform.machine() in ("x86_64", "AMD64")
 
 
