@@ -1,7 +1,17 @@
-"""Engine settings (vLLM's names), validated when built."""
+"""Engine settings (vLLM's names), validated when built: the one place engine defaults live. `ernie45 serve`'s
+engine flags are generated from the fields and their docstrings (`add_engine_arguments`), and `LLM(**kwargs)` takes
+the same names.
+"""
 
 from __future__ import annotations
 
+import argparse
+import ast
+import dataclasses
+import inspect
+import itertools
+import textwrap
+import typing
 from dataclasses import dataclass
 
 DEFAULT_MAX_MODEL_LEN = 8192
@@ -38,3 +48,35 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+
+
+def field_docs(cls) -> dict[str, str]:
+    """{field: its docstring} from the class source (the string literal right after each annotated field)."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {}
+    for node, after in itertools.pairwise(body):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per EngineConfig field (`--max-num-seqs`; booleans as `--enable-prefix-caching` /
+    `--no-enable-prefix-caching`), help from the field's docstring, default from the field."""
+    docs = field_docs(EngineConfig)
+    hints = typing.get_type_hints(EngineConfig)
+    group = parser.add_argument_group("engine", "batching and KV cache (EngineConfig)")
+    for f in dataclasses.fields(EngineConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{docs.get(f.name, '')} (default: {f.default})".replace("%", "%%")
+        kind = next((a for a in typing.get_args(hints[f.name]) if a is not type(None)), hints[f.name])  # X | None
+        if kind is bool:
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
+                               help=help_text)
+        else:
+            group.add_argument(flag, dest=f.name, type=kind, default=f.default, metavar="N", help=help_text)
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)})

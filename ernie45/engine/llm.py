@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Sequence
 
@@ -18,28 +19,17 @@ from .sampling_params import SamplingParams
 class LLM:
     """Loads a checkpoint (the embedded default model when `model` is None) and runs batches through the engine."""
 
-    def __init__(
-        self,
-        model: str | None = None,
-        tokenizer: str | None = None,
-        dtype: str = "auto",
-        max_num_seqs: int = 64,
-        max_num_batched_tokens: int = 1024,
-        max_model_len: int | None = None,
-        block_size: int = 16,
-        num_kv_blocks: int | None = None,
-        kv_cache_memory: int | None = None,
-        enable_prefix_caching: bool = True,
-        seed: int | None = 0,
-        device: str = "cpu",
-    ):
+    def __init__(self, model: str | None = None, tokenizer: str | None = None, dtype: str = "auto",
+                 device: str = "cpu", **engine_args):
+        """engine_args: EngineConfig's fields (max_num_seqs, max_num_batched_tokens, max_model_len, block_size,
+        num_kv_blocks, kv_cache_memory, enable_prefix_caching, seed), vLLM's names and EngineConfig's defaults."""
+        known = {f.name for f in dataclasses.fields(EngineConfig)}
+        unknown = sorted(set(engine_args) - known)
+        if unknown:
+            raise TypeError(f"LLM() got unknown arguments {unknown}; engine arguments are {sorted(known)}")
+        config = EngineConfig(**engine_args)
         self.model = load_model(resolve_model_argument(model), dtype=dtype, device=device)
         self.tokenizer = load_tokenizer(tokenizer or self.model.source_dir)
-        config = EngineConfig(
-            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
-            block_size=block_size, num_kv_blocks=num_kv_blocks, kv_cache_memory=kv_cache_memory,
-            enable_prefix_caching=enable_prefix_caching, seed=seed,
-        )
         self.engine = LLMEngine(self.model, self.tokenizer, config)
         self._ids = itertools.count()
 

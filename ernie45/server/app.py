@@ -1,5 +1,5 @@
 """The FastAPI app: OpenAI endpoints (/v1/models, /v1/completions, /v1/chat/completions), /tokenize, /detokenize,
-/health, /metrics (Prometheus) and /version, around an AsyncLLM running in the same process."""
+/health, /metrics (Prometheus) and /version, around an EngineClient (`ernie45 serve`: the engine core in its own process)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import Response
 
 from .. import __version__
-from ..engine.async_llm import AsyncLLM
-from ..models.ernie45_vl import Ernie45VLForConditionalGeneration
+from ..engine.client import EngineClient
 from .chat import create_chat_completion
 from .completions import create_completion
 from .context import ServingContext
@@ -43,10 +42,10 @@ def _api_key_check(api_key: str | None):
     return check
 
 
-def build_app(front: AsyncLLM, tokenizer, served_model_name: str, api_key: str | None = None,
+def build_app(front: EngineClient, tokenizer, served_model_name: str, api_key: str | None = None,
               max_queue: int | None = None, model_root: str | None = None, max_images_per_prompt: int = 8,
               max_videos_per_prompt: int = 2, allowed_local_media_path: str | None = None) -> FastAPI:
-    """An app serving `front`; its lifespan shuts the engine thread down when the server stops."""
+    """An app serving `front`; its lifespan shuts the engine core down when the server stops."""
     ctx = ServingContext(front, tokenizer, served_model_name, max_queue=max_queue, model_root=model_root,
                          max_images_per_prompt=max_images_per_prompt, max_videos_per_prompt=max_videos_per_prompt,
                          allowed_local_media_path=allowed_local_media_path)
@@ -72,7 +71,7 @@ def build_app(front: AsyncLLM, tokenizer, served_model_name: str, api_key: str |
             "root": model_root or served_model_name, "parent": None, "max_model_len": ctx.max_model_len,
         }]}
 
-    if isinstance(front.engine.model, Ernie45VLForConditionalGeneration):
+    if front.model_info.is_multimodal:
         # A VL model's schema accepts image / video parts; a text model's keeps rejecting them at validation.
         @api.post("/v1/chat/completions", response_model=None)
         async def chat_completions(body: VLChatCompletionRequest, request: Request) -> Response:
@@ -110,8 +109,8 @@ def build_app(front: AsyncLLM, tokenizer, served_model_name: str, api_key: str |
 
     @app.get("/health")
     async def health() -> Response:
-        if stopping.is_set():
-            return APIError(503, "the engine is shut down", code="engine_unavailable").response()
+        if stopping.is_set() or not front.is_running:
+            return APIError(503, "the engine is shut down or its process died", code="engine_unavailable").response()
         return JSONResponse({"status": "ok"})
 
     @app.get("/version")

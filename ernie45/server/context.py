@@ -11,11 +11,10 @@ from typing import Any
 
 import jinja2
 
-from ..engine.async_llm import AsyncLLM, EngineDeadError
+from ..engine.client import EngineClient, EngineDeadError
 from ..engine.multimodal import split_content_parts
 from ..engine.outputs import RequestOutput
 from ..engine.sampling_params import SamplingParams
-from ..models.ernie45_vl import Ernie45VLForConditionalGeneration
 from ..tokenizer import ReasoningParser
 from .errors import APIError, bad_request
 from .metrics import ServerMetrics
@@ -60,19 +59,19 @@ class Admission:
 
 
 class ServingContext:
-    def __init__(self, front: AsyncLLM, tokenizer, served_model_name: str, max_queue: int | None = None,
+    def __init__(self, front: EngineClient, tokenizer, served_model_name: str, max_queue: int | None = None,
                  model_root: str | None = None, max_images_per_prompt: int = 8, max_videos_per_prompt: int = 2,
                  allowed_local_media_path: str | None = None):
         self.front = front
-        self.engine = front.engine
+        self.model_info = front.model_info
         self.tokenizer = tokenizer
         self.served_model_name = served_model_name
         self.model_root = model_root
-        self.max_model_len = self.engine.max_model_len
-        self.vocab_size = self.engine.model.config.vocab_size
+        self.max_model_len = self.model_info.max_model_len
+        self.vocab_size = self.model_info.vocab_size
         self.parser = ReasoningParser()
-        self.admission = Admission(self.engine.stats, max_queue)
-        self.metrics = ServerMetrics(self.engine.stats, served_model_name, self.admission.num_queued)
+        self.admission = Admission(front.stats, max_queue)
+        self.metrics = ServerMetrics(front.stats, served_model_name, self.admission.num_queued)
         self._token_text: dict[int, str] = {}
         self.media_limits = {"image": max_images_per_prompt, "video": max_videos_per_prompt}
         self.allowed_local_media_path = (Path(allowed_local_media_path).resolve()
@@ -86,7 +85,7 @@ class ServingContext:
 
     def validate_prompt(self, prompt) -> tuple[str | None, list[int]]:
         try:
-            return self.engine.validate_prompt(prompt)
+            return self.front.validate_prompt(prompt)
         except ValueError as exc:
             message = str(exc)
             code = "context_length_exceeded" if "max_model_len" in message else None
@@ -143,7 +142,7 @@ class ServingContext:
         kinds = [p.get("type") for m in plain if isinstance(m.get("content"), list) for p in m["content"]]
         if not any(kind in ("image_url", "video_url") for kind in kinds):
             return list(messages), {}
-        if not isinstance(self.engine.model, Ernie45VLForConditionalGeneration):
+        if not self.model_info.is_multimodal:
             raise bad_request("image and video content parts need a VL model; this server serves a text model",
                               param="messages", code="unsupported_content")
         for media, limit in self.media_limits.items():
@@ -156,7 +155,7 @@ class ServingContext:
                 if part.get("type") in ("image_url", "video_url"):
                     self.check_media_url(part[part["type"]]["url"])
         try:
-            return split_content_parts(plain, self.engine.model.config, self.tokenizer)
+            return split_content_parts(plain, self.model_info.model_config, self.tokenizer)
         except ValueError as exc:
             raise bad_request(str(exc), param="messages") from None
 
@@ -180,7 +179,7 @@ class ServingContext:
         if not data:
             return {"prompt_token_ids": ids, "prompt": text}
         try:
-            ids, mm = await asyncio.to_thread(self.engine.prepare_multimodal, ids, data)
+            ids, mm = await asyncio.to_thread(self.front.prepare_multimodal, ids, data)
         except ValueError as exc:  # MediaError included: undecodable, zero size, too many pixels, bad URL
             message = str(exc)
             code = "context_length_exceeded" if "max_model_len" in message else "invalid_media"

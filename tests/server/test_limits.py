@@ -1,9 +1,12 @@
-"""A second server with an API key and a one-sequence queue (401, 429), and SIGTERM with a stream in flight."""
+"""A second server with an API key and a one-sequence queue (401, 429), SIGTERM with a stream in flight, and an
+engine core process that dies under a stream."""
 
 import json
+import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -101,3 +104,36 @@ def test_sigterm_with_a_stream_in_flight_exits_cleanly(thinking_checkpoint, tmp_
     assert json.loads(events[-2][len("data: "):])["error"]["code"] == "engine_unavailable"
     assert "Traceback" not in proc.log(), proc.log()
     proc.stop()
+
+
+def _engine_core_pid(server_pid: int) -> int:
+    children = [int(pid) for task in Path(f"/proc/{server_pid}/task").iterdir()
+                for pid in (task / "children").read_text().split()]
+    # multiprocessing's resource tracker is a child too; the core is the one spawn started
+    cores = [pid for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert len(cores) == 1, children  # `ernie45 serve` runs exactly one engine core process
+    return cores[0]
+
+
+def test_a_dead_engine_core_fails_requests_with_503_and_health(thinking_checkpoint, tmp_path):
+    """The engine core process is killed mid-stream: the stream ends with an error event in OpenAI's shape, new
+    requests get a 503 within seconds (never a hang), /health turns 503, and the server itself stays up."""
+    proc = ServerProcess(thinking_checkpoint, tmp_path / "dead-core.log", "--max-model-len", "4096")
+    try:
+        with httpx.Client(base_url=proc.url, timeout=30) as http:
+            with http.stream("POST", "/v1/chat/completions", json={**LONG, "max_tokens": 4000}) as stream:
+                lines = stream.iter_lines()
+                next(line for line in lines if line.startswith("data: "))
+                start = time.monotonic()
+                os.kill(_engine_core_pid(proc.process.pid), signal.SIGKILL)
+                events = [line for line in lines if line.startswith("data: ")]
+            elapsed = time.monotonic() - start
+            assert elapsed < 5, elapsed
+            assert events[-1] == "data: [DONE]"
+            assert json.loads(events[-2][len("data: "):])["error"]["code"] == "engine_unavailable"
+            response = http.post("/v1/chat/completions", json={**LONG, "stream": False, "max_tokens": 4})
+            assert_error(response, 503, "engine_unavailable")
+            assert_error(http.get("/health"), 503, "engine_unavailable")
+            assert proc.process.poll() is None  # the API server keeps answering
+    finally:
+        proc.stop()
