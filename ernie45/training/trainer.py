@@ -1,13 +1,14 @@
-"""The training loop for PT, SFT and DPO, full or LoRA, on 1 or N processes (torchrun).
+"""The one training loop of every stage and model family (PT, SFT, DPO, VL-SFT; full, LoRA or QAT), on 1 or N
+processes (torchrun). What is trained and how its loss is computed is the task's (task.py: data + objective).
 
 step = load micro-batches -> global normalisers (all-reduce) -> forward/backward per micro-batch (gradient sync on
-the last only) -> clip -> AdamW -> schedule -> aux-free bias update -> log / eval / checkpoint.
+the last only) -> clip -> AdamW -> schedule -> aux-free bias update -> log / eval / checkpoint; at the end the HF
+checkpoint (Full) or PEFT adapter (LoRA) with tokenizer (and processor) files in output_dir.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
 import os
@@ -22,21 +23,24 @@ import numpy as np
 import torch
 
 from ..checkpoint import load_model, save_model
+from ..checkpoint.hub import resolve_model_path
 from ..kernels import blas
 from ..models.layers import cpu_has_fast_half
-from ..quant.qat import convert_qat, prepare_qat
+from ..models.registry import spec_for
+from ..quant.qat import convert_qat
 from ..tokenizer import load_tokenizer
 from . import distributed as D
 from .checkpointing import load_checkpoint, resolve_resume, save_checkpoint
-from .config import TrainConfig, split_list
-from .data import Encoder, EvalData, TrainData
-from .forward import TrainingModel, moe_blocks
-from .lora import adapter_state_dict, adapters_disabled, apply_lora, peft_mismatch, save_adapter
-from .losses import update_correction_bias
+from .config import TrainConfig
+from .lora import adapter_state_dict, apply_lora, peft_mismatch, save_adapter
 from .metrics import MetricsLogger
-from .objectives import Objective, counts
 from .optim import build_optimizer, build_scheduler, optimizer_step
 from .plot import plot_run
+from .task import task_for
+from .text_task import prepare_qat_for
+
+# Files of a VL checkpoint's media processors, copied next to the trained weights.
+PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json")
 
 
 def seed_everything(seed: int) -> None:
@@ -67,14 +71,16 @@ class Trainer:
         if self.info.device.type == "cpu" and self.info.is_main:
             print(f"CPU fp32 GEMMs: {blas.describe()} (ERNIE45_BLAS)")
         seed_everything(cfg.seed)
-        self.tokenizer = load_tokenizer(_resolve(cfg.model_name_or_path))
-        base = load_model(cfg.model_name_or_path, dtype="float32", device=self.info.device)
+        source = resolve_model_path(cfg.model_name_or_path)
+        self.tokenizer = load_tokenizer(source)
+        base = load_model(source, dtype="float32", device=self.info.device)
+        task_class = task_for(cfg)
+        task_class.check_model(spec_for(base), source)
         base.train()
         self.source_dir = base.source_dir
         if model_transform is not None:
             model_transform(base, cfg)
-        if cfg.qat:
-            prepare_qat_for(base, cfg)
+        task_class.prepare_model(base, cfg)
         self.lora = cfg.fine_tuning == "LoRA"
         if self.lora:
             apply_lora(base, cfg.target_modules, cfg.lora_rank, cfg.lora_scale_alpha, cfg.lora_dropout, cfg.seed)
@@ -83,37 +89,25 @@ class Trainer:
                 print(f"note: LoRA on {', '.join(remapped)} of a MoE model loads in ernie45 and merges with "
                       f"`ernie45 export`, but peft remaps these names to the fused experts on transformers' "
                       f"Ernie4_5_MoeForCausalLM; use q_proj,k_proj,v_proj,o_proj for a peft-loadable adapter")
-        reference, reference_ctx = None, None
-        if cfg.stage == "DPO" and not cfg.reference_free:
-            if self.lora:
-                reference_ctx = lambda: adapters_disabled(base)
-            else:
-                ref_model = copy.deepcopy(base).eval().requires_grad_(False)
-                reference = TrainingModel(ref_model)
         self.base = base
-        orth = cfg.moe_group_orthogonal_loss if cfg.moe_orthogonal_loss_lambda else None
-        module = TrainingModel(base, mtp=cfg.multi_token_pred_lambda > 0 and cfg.stage != "DPO", orthogonal_group=orth)
-        self.mtp_depths = base.model.num_mtp_layers if module.mtp else 0
+        self.task = task = task_class(cfg, base, self.info, self.tokenizer, self.lora)
+        self.data = task.data
+        if self.data.stats.skipped and self.info.is_main:
+            print(f"train data: skipped {self.data.stats.skipped} malformed line(s) of {self.data.stats.lines}")
         if cfg.recompute:
-            D.apply_activation_checkpointing(base.model.layers)
+            D.apply_activation_checkpointing(task.decoder_layers)
+        module = task.module
         if self.info.enabled:
-            module = D.apply_fsdp(module, self.info) if cfg.fsdp else D.apply_ddp(module, self.info)
+            module = task.parallelize(module)
         self.module = module
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(module, cfg)
-
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        encoder = Encoder(self.tokenizer, cfg.max_seq_len, cfg.max_prompt_len)
-        self.data = TrainData(cfg, encoder, pad_id, self.info.world_size)
-        self.eval_data = EvalData(cfg, encoder, pad_id) if cfg.eval_dataset_path and cfg.do_eval else None
         if cfg.max_steps > 0:
             self.total_steps = cfg.max_steps
         else:
             self.total_steps = max(1, math.ceil(cfg.num_train_epochs * self.data.steps_per_epoch))
         self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
-        n_micro = cfg.gradient_accumulation_steps * self.info.world_size
-        self.objective = Objective(cfg, module, base, n_micro, reference, reference_ctx, self.mtp_depths)
-        self.blocks = moe_blocks(base)
+        task.bind(module, cfg.gradient_accumulation_steps * self.info.world_size)
         self.amp = autocast_dtype(cfg, self.info.device)
         if cfg.compute_type == "bf16" and self.amp is None and self.info.is_main:
             print(f"compute_type bf16: {self.info.device.type} has no native bf16 matmul here; training in fp32")
@@ -136,64 +130,34 @@ class Trainer:
         return torch.autocast(device_type=self.info.device.type, dtype=self.amp)
 
     def train_step(self) -> dict:
-        cfg, info = self.cfg, self.info
+        cfg, info, task = self.cfg, self.info, self.task
         micro = [{k: v.to(info.device) for k, v in b.items()} for b in self.data.micro_batches(self.step, info.rank)]
-        denom: dict[str, float] = {}
-        for b in micro:
-            for k, v in counts(b, cfg, self.mtp_depths).items():
-                denom[k] = denom.get(k, 0.0) + v
-        denom = D.reduce_dict(denom, info)
-        usage = [torch.zeros(b.gate.weight.shape[0], device=info.device) for b in self.blocks] \
-            if cfg.moe_use_aux_free and self.blocks else None
+        denom = D.reduce_dict(task.normalisers(micro), info)
+        usage = task.new_usage()
         sums: dict[str, float] = {}
         for i, b in enumerate(micro):
             with self._sync_ctx(i == len(micro) - 1), self._autocast():
-                loss, metrics = self.objective(b, denom, usage)
+                loss, metrics = task.loss(b, denom, usage)
             # DDP / FSDP average gradients over ranks; our losses are already global means: undo the average.
             (loss * info.world_size).backward()
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v
         lr, grad_norm = optimizer_step(self.params, self.optimizer, self.scheduler, cfg.max_grad_norm)
         if usage is not None:
-            for block, u in zip(self.blocks, usage):
-                D.all_reduce_sum(u, info)
-                update_correction_bias(block.moe_statics.e_score_correction_bias.data, u, cfg.moe_use_aux_free_update_coef)
+            task.update_biases(usage)
         out = D.reduce_dict(sums, info)
-        out.update({"lr": lr, "grad_norm": grad_norm, "tokens": denom["input_tokens"]})
+        out.update({"lr": lr, "grad_norm": grad_norm, **task.step_metrics(denom)})
         return out
 
     # ------------------------------------------------------------------ eval
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Mean eval loss over every eval target (pairs for DPO), perplexity for PT/SFT. Every rank runs the same
-        number of forwards (FSDP needs that); filler batches carry weight 0."""
-        info = self.info
-        batches = self.eval_data.batches
-        per_rank = math.ceil(len(batches) / info.world_size)
+        """The task's eval metrics (every rank must call this)."""
         self.module.eval()
-        totals: dict[str, float] = {}
-        for i in range(per_rank):
-            idx = info.rank + i * info.world_size
-            b = self.eval_data.collate(batches[idx if idx < len(batches) else 0])
-            b = {k: v.to(info.device) for k, v in b.items()}
-            denom = counts(b, self.cfg, self.mtp_depths)
-            weight = 0.0 if idx >= len(batches) else denom["pairs"] if "pairs" in denom else denom["tokens"]
-            with self._autocast():
-                _, metrics = self.objective(b, denom)
-            for k in _EVAL_KEYS:
-                if k in metrics:
-                    totals[k] = totals.get(k, 0.0) + metrics[k] * weight
-            totals["_weight"] = totals.get("_weight", 0.0) + weight
-        self.module.train()
-        totals = D.reduce_dict(totals, info)
-        weight = totals.pop("_weight", 0.0)
-        out = {k: v / weight for k, v in totals.items()} if weight else {}
-        if "lm_loss" in out:
-            out["loss"] = out["lm_loss"]
-            out["ppl"] = math.exp(min(out["lm_loss"], 50.0))
-        elif "dpo_loss" in out:
-            out["loss"] = out["dpo_loss"]
-        return out
+        try:
+            return self.task.evaluate(self._autocast)
+        finally:
+            self.module.train()
 
     # ------------------------------------------------------------------ loop
     def _trainer_state(self) -> dict:
@@ -212,8 +176,6 @@ class Trainer:
             self.step = state["step"]
             self.history = state.get("history", [])
         logger = MetricsLogger(self.run_dir, self.total_steps, self.step, info.is_main, not cfg.disable_tqdm)
-        if info.is_main and self.data.stats.skipped:
-            print(f"train data: skipped {self.data.stats.skipped} malformed line(s) of {self.data.stats.lines}")
         t0, tokens_since, steps_since = time.perf_counter(), 0.0, 0
         while self.step < self.total_steps:
             m = self.train_step()
@@ -228,13 +190,13 @@ class Trainer:
                 logger.log(record)
                 logger.progress(steps_since, {"loss": m["loss"], "tok/s": round(record["tokens_per_s"])})
                 t0, tokens_since, steps_since = time.perf_counter(), 0.0, 0
-            if self.eval_data is not None and cfg.eval_steps and self.step % cfg.eval_steps == 0:
+            if self.task.eval_data is not None and cfg.eval_steps and self.step % cfg.eval_steps == 0:
                 logger.log({"step": self.step, "split": "eval", **self.evaluate()})
             if cfg.save_steps and self.step % cfg.save_steps == 0 and self.step < self.total_steps:
                 save_checkpoint(self.run_dir, self.step, self.module, self.optimizer, self.scheduler,
                                 self._trainer_state(), info, cfg.save_total_limit)
         final_eval = {}
-        if self.eval_data is not None and not (cfg.eval_steps and self.step % cfg.eval_steps == 0):
+        if self.task.eval_data is not None and not (cfg.eval_steps and self.step % cfg.eval_steps == 0):
             final_eval = self.evaluate()
             logger.log({"step": self.step, "split": "eval", **final_eval})
         logger.close()
@@ -248,7 +210,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ outputs
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Unsharded parameters (names of the Ernie45ForCausalLM), on rank 0's CPU; all ranks must call this."""
+        """Unsharded parameters (names of the model), on rank 0's CPU; all ranks must call this."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         if self.info.enabled:
@@ -260,7 +222,8 @@ class Trainer:
         return {_QAT_NAME.sub(r".\1", k.removeprefix(prefix).removeprefix("model.")): v for k, v in sd.items()}
 
     def save_outputs(self) -> None:
-        """output_dir gets the final HF checkpoint (Full) or PEFT adapter (LoRA), plus tokenizer files."""
+        """output_dir gets the final HF checkpoint (Full) or PEFT adapter (LoRA), plus tokenizer files (and a VL
+        checkpoint's processor configs)."""
         sd = self.full_state_dict()
         if not self.info.is_main:
             D.barrier(self.info)
@@ -285,6 +248,9 @@ class Trainer:
                 for f in (tmp / "model").iterdir():
                     os.replace(f, tmp / f.name)
                 (tmp / "model").rmdir()
+            for name in PROCESSOR_FILES:
+                if (self.source_dir / name).is_file():
+                    shutil.copy2(self.source_dir / name, tmp / name)
             # config.json / adapter_config.json move last: a crash before leaves no loadable-looking output.
             files = sorted(tmp.iterdir(), key=lambda f: f.name in ("config.json", "adapter_config.json"))
             for f in files:
@@ -297,27 +263,8 @@ class Trainer:
 _QAT_NAME = re.compile(r"\.parametrizations\.(\w+)\.original$")
 
 
-def prepare_qat_for(model, cfg: TrainConfig) -> None:
-    """Fake-quantize the configured linears of `model` (ernie45.quant.qat)."""
-    prepare_qat(model, cfg.qat_bits, cfg.qat_group_size or None, split_list(cfg.qat_targets))
-
-
-_EVAL_KEYS = ("lm_loss", "mtp_loss", "dpo_loss", "sft_loss", "rewards_chosen", "rewards_rejected", "rewards_margin",
-              "rewards_accuracy")
-
-
-def _resolve(model: str) -> Path:
-    from ..checkpoint.hub import resolve_model_path
-
-    return resolve_model_path(model)
-
-
 def train(cfg: TrainConfig, model_transform=None) -> dict:
     """Run a full training job from a config (1 process, or each torchrun process)."""
-    if cfg.stage == "VL-SFT":
-        from .vl_trainer import train_vl
-
-        return train_vl(cfg)
     trainer = Trainer(cfg, model_transform)
     try:
         return trainer.train()

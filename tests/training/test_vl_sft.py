@@ -24,8 +24,8 @@ from ernie45.training import ConfigError, load_config, train
 from ernie45.training.data.readers import DataError, ReadStats
 from ernie45.training.data.vl_sft import VLEncoder, collate_vl, read_vl_records
 from ernie45.training.losses import IGNORE
+from ernie45.training.trainer import Trainer
 from ernie45.training.vl_objective import VLObjective, VLTrainingModel, router_losses, vl_targets
-from ernie45.training.vl_trainer import VLTrainer
 from tests.tiny_checkpoint import make_tiny_vl_checkpoint
 
 from .helpers import make_config, torchrun_two_processes, write_jsonl
@@ -233,7 +233,7 @@ def test_vl_config_checks(tmp_path, tiny_moe, tiny_vl, vl_data):
     with pytest.raises(ConfigError, match="QAT of VL models is not implemented"):
         make_config(tiny_vl, tmp_path, vl_data, stage="VL-SFT", train_dataset_type="chatml", qat=True)
     with pytest.raises(ConfigError, match="needs an ERNIE 4.5 VL checkpoint"):
-        VLTrainer(make_config(tiny_moe, tmp_path, vl_data, stage="VL-SFT", train_dataset_type="chatml"))
+        Trainer(make_config(tiny_moe, tmp_path, vl_data, stage="VL-SFT", train_dataset_type="chatml"))
 
 
 def test_loss_only_on_assistant_tokens(tiny_vl, vl_data):
@@ -284,7 +284,7 @@ def test_recompute_gives_the_same_loss_curve(tmp_path, tiny_vl, vl_data):
     recomputed = train(make_config(tiny_vl, tmp_path / "recompute", vl_data, recompute=True, **common))
     a, b = [h["loss"] for h in plain["history"]], [h["loss"] for h in recomputed["history"]]
     assert a[-1] < a[0] and b == pytest.approx(a, rel=1e-5, abs=1e-6)
-    trainer = VLTrainer(make_config(tiny_vl, tmp_path / "check", vl_data, recompute=True, **common))
+    trainer = Trainer(make_config(tiny_vl, tmp_path / "check", vl_data, recompute=True, **common))
     assert all(isinstance(layer.forward, functools.partial) for layer in trainer.base.model.language_model.layers)
 
 
@@ -299,7 +299,7 @@ def test_skip_bad_lines_skips_and_counts(tmp_path, tiny_vl, vl_data, capsys):
     stats = ReadStats()
     assert len(read_vl_records(path, skip_bad_lines=True, stats=stats)) == 2
     assert (stats.lines, stats.skipped) == (4, 2)
-    VLTrainer(make_config(tiny_vl, tmp_path / "run", path, stage="VL-SFT", train_dataset_type="chatml",
+    Trainer(make_config(tiny_vl, tmp_path / "run", path, stage="VL-SFT", train_dataset_type="chatml",
                           skip_bad_lines=True, batch_size=2))
     assert "train data: skipped 2 malformed line(s) of 4" in capsys.readouterr().out
 
@@ -364,15 +364,15 @@ def test_train_dataset_prob_mixes_files_by_probability(tmp_path, tiny_vl, vl_dat
         for n in (1, 2)])
     both = f"{vl_data},{text_only}"
     common = {"stage": "VL-SFT", "train_dataset_type": "chatml", "max_seq_len": 128, "batch_size": 2}
-    mixed = VLTrainer(make_config(tiny_vl, tmp_path / "m", both, train_dataset_prob="0.75,0.25", **common))
-    n_vl, n_text = len(mixed.sources[0]), len(mixed.sources[1])
+    mixed = Trainer(make_config(tiny_vl, tmp_path / "m", both, train_dataset_prob="0.75,0.25", **common))
+    n_vl, n_text = len(mixed.data.sources[0]), len(mixed.data.sources[1])
     for epoch in (0, 1):
-        order = mixed.sample_order(epoch)
+        order = mixed.data.sample_order(epoch)
         from_text = sum(i >= n_vl for i in order)
         assert len(order) - from_text == round(0.75 * (n_vl + n_text)) and from_text == round(0.25 * (n_vl + n_text))
-    assert mixed.sample_order(0) != mixed.sample_order(1)
-    plain = VLTrainer(make_config(tiny_vl, tmp_path / "p", both, **common))
-    assert sorted(plain.sample_order(0)) == list(range(n_vl + n_text))
+    assert mixed.data.sample_order(0) != mixed.data.sample_order(1)
+    plain = Trainer(make_config(tiny_vl, tmp_path / "p", both, **common))
+    assert sorted(plain.data.sample_order(0)) == list(range(n_vl + n_text))
     result = train(make_config(tiny_vl, tmp_path / "run", both, train_dataset_prob="0.75,0.25", max_steps=2, **common))
     assert len(result["history"]) == 2
 
