@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..models.registry import spec_for
 from .multimodal import MultimodalInputs, prepare_multimodal
 
 
@@ -23,17 +24,13 @@ class EnginePrompt:
     multi_modal_inputs: MultimodalInputs | None = None
 
 
-def is_multimodal_config(config) -> bool:
-    return getattr(config, "vision", None) is not None
-
-
 class InputProcessor:
     def __init__(self, tokenizer, model_config, max_model_len: int, source_dir: str | Path | None = None):
         self.tokenizer = tokenizer
         self.model_config = model_config
         self.max_model_len = max_model_len
         self.source_dir = source_dir
-        self.is_multimodal = is_multimodal_config(model_config)
+        self.is_multimodal = spec_for(model_config).is_multimodal
         self._processors = None  # VL image / video processors, loaded on the first multimodal prompt
 
     def tokenize_prompt(self, prompt) -> tuple[str | None, list[int]]:
