@@ -1,4 +1,6 @@
-"""The model core's own generation loop: prefill once, then one token per step against a static KV cache.
+"""The model core's own generation loop, for every model family: prefill once, then one token per step against a
+static KV cache. The family's differences (VL: media merged into the prompt's embeddings, 3-D positions, routing
+types) sit behind the model protocol `prepare_inputs` / `decode_inputs` / `forward_inputs` (models/inputs.py).
 
 For single requests and equal-length batches (CLI, tests, benchmarks); serving many requests is the engine's job.
 Legend: B batch, T tokens, V vocab.
@@ -10,8 +12,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
-from ..models.ernie45 import Ernie45ForCausalLM
+from ..models.registry import spec_for
 from .static_cache import StaticKVCache
 
 
@@ -63,24 +66,23 @@ def sample(logits_BV: torch.Tensor, cfg: GenerationConfig, generator: torch.Gene
 
 
 @torch.inference_mode()
-def stream_generate(
-    model: Ernie45ForCausalLM, input_ids_BT: torch.Tensor, cfg: GenerationConfig
-) -> Iterator[torch.Tensor]:
-    """Yields the next token ids [B] step by step; stops when every row has hit a stop token or the budget."""
+def stream_generate(model: nn.Module, input_ids_BT: torch.Tensor, cfg: GenerationConfig, **media) -> Iterator[torch.Tensor]:
+    """Yields the next token ids [B] step by step; stops when every row has hit a stop token or the budget.
+    `media` (VL models): pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw."""
     if input_ids_BT.dim() != 2 or input_ids_BT.shape[1] == 0:
         raise ValueError(f"input_ids must be a non-empty [batch, tokens] tensor, got shape {tuple(input_ids_BT.shape)}")
     B, T = input_ids_BT.shape
     device = model.device
-    cache = StaticKVCache(model.config, B, T + cfg.max_new_tokens, model.dtype, device)
+    text_config = spec_for(model).text_config(model.config)
+    cache = StaticKVCache(text_config, B, T + cfg.max_new_tokens, model.dtype, device)
     generator = None
     if cfg.seed is not None:
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
     stop = torch.tensor(cfg.stop_token_ids, dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-    ids = input_ids_BT.to(device)
-    positions = torch.arange(T, device=device)
+    prompt = inputs = model.prepare_inputs(input_ids_BT.to(device), **media)
     for _ in range(cfg.max_new_tokens):
-        hidden = model.forward_hidden(ids, positions, cache)
+        hidden = model.forward_inputs(inputs, cache)
         cache.advance()
         next_ids = sample(model.compute_logits(hidden[:, -1]), cfg, generator)
         yield next_ids
@@ -88,12 +90,17 @@ def stream_generate(
             finished |= torch.isin(next_ids, stop)
             if bool(finished.all()):
                 return
-        ids = next_ids[:, None]
-        positions = torch.tensor([cache.length], device=device)
+        inputs = model.decode_inputs(next_ids[:, None], cache.length, prompt)
 
 
-def generate(model: Ernie45ForCausalLM, input_ids_BT: torch.Tensor, cfg: GenerationConfig | None = None, **kwargs):
-    """input_ids [B, T] -> [B, T + new] (rows that stopped early keep generating until all stop, as HF does)."""
-    cfg = cfg or GenerationConfig(**kwargs)
-    steps = list(stream_generate(model, input_ids_BT, cfg))
+def generate(model: nn.Module, input_ids_BT: torch.Tensor, cfg: GenerationConfig | None = None, **kwargs):
+    """input_ids [B, T] -> [B, T + new] (rows that stopped early keep generating until all stop, as HF does).
+
+    `kwargs`: GenerationConfig fields (when `cfg` is not given) and, for VL models, the media inputs."""
+    fields = {k: kwargs.pop(k) for k in list(kwargs) if k in GenerationConfig.__dataclass_fields__}
+    if cfg is None:
+        cfg = GenerationConfig(**fields)
+    elif fields:
+        raise ValueError(f"generate: pass either cfg or {', '.join(sorted(fields))}, not both")
+    steps = list(stream_generate(model, input_ids_BT, cfg, **kwargs))
     return torch.cat([input_ids_BT.to(model.device), torch.stack(steps, dim=1)], dim=1)

@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+from torch import nn
 
-from ..models.ernie45 import Ernie45ForCausalLM
 from ..tokenizer import IncrementalDetokenizer
 from .generate import GenerationConfig, stream_generate
 
 
-def stream_text(model: Ernie45ForCausalLM, tokenizer, prompt_ids: list[int], cfg: GenerationConfig) -> Iterator[str]:
+def stream_text(model: nn.Module, tokenizer, prompt_ids: list[int], cfg: GenerationConfig) -> Iterator[str]:
     """Yields text deltas (never half a UTF-8 character); stop tokens end the stream and are not shown."""
     if not prompt_ids:
         raise ValueError("the prompt is empty after tokenization")
@@ -29,7 +29,7 @@ def stream_text(model: Ernie45ForCausalLM, tokenizer, prompt_ids: list[int], cfg
         yield tail
 
 
-def stop_ids_for(tokenizer, model: Ernie45ForCausalLM) -> tuple[int, ...]:
+def stop_ids_for(tokenizer, model: nn.Module) -> tuple[int, ...]:
     """`</s>` and `<|end_of_sentence|>` (from the tokenizer) plus the eos ids of config and generation_config."""
     ids = set(getattr(tokenizer, "stop_token_ids", []) or []) | set(model.config.eos_token_ids)
     generation_eos = (getattr(model, "generation_config", None) or {}).get("eos_token_id")

@@ -15,6 +15,7 @@ from torch import nn
 
 from .attention import Attention, AttentionBackend, CausalAttention
 from .config import Ernie45Config
+from .inputs import ModelInputs
 from .layers import Linear, RMSNorm, RotaryEmbedding, SwiGLU
 from .moe import ModalityMoeBlock, MoeBlock
 
@@ -168,6 +169,29 @@ class Ernie45ForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Pre-norm hidden states [..., H] -> logits [..., V] (final norm + LM head)."""
         return self.lm_head(self.model.norm(hidden))
+
+    # ---- the protocol every family shares (models/inputs.py) -------------------------------------------------
+    def prepare_inputs(self, input_ids_BT: torch.Tensor, **media) -> ModelInputs:
+        """A prompt's inputs: positions 0..T-1. Text models take no media (ValueError naming what was given)."""
+        given = sorted(k for k, v in media.items() if v is not None)
+        if given:
+            raise ValueError(f"{', '.join(given)}: image / video inputs need a VL model; this is a text model")
+        return ModelInputs(input_ids_BT, torch.arange(input_ids_BT.shape[1], device=input_ids_BT.device))
+
+    def decode_inputs(self, next_ids_BT: torch.Tensor, position: int, prompt: ModelInputs) -> ModelInputs:
+        """The inputs of tokens generated after `prompt`, the first of them at cache position `position`."""
+        T = next_ids_BT.shape[1]
+        return ModelInputs(next_ids_BT, torch.arange(position, position + T, device=next_ids_BT.device))
+
+    def forward_inputs(
+        self,
+        inputs: ModelInputs,
+        attn_metadata: AttentionBackend | None = None,
+        router_logits: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """`ModelInputs` -> pre-norm hidden states [B, T, H]."""
+        return self.forward_hidden(inputs.input_ids, inputs.positions, attn_metadata, inputs.inputs_embeds,
+                                   router_logits)
 
     def forward(
         self,

@@ -16,6 +16,7 @@ from torch import nn
 
 from .attention import AttentionBackend
 from .ernie45 import Ernie45Model
+from .inputs import ModelInputs
 from .layers import Linear, MRotaryEmbedding
 from .moe import ModalityMoeBlock
 from .resampler import Resampler
@@ -147,6 +148,41 @@ class Ernie45VLForConditionalGeneration(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.model.language_model.norm(hidden))
+
+    # ---- the protocol every family shares (models/inputs.py) -------------------------------------------------
+    def prepare_inputs(
+        self,
+        input_ids_BT: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.Tensor | None = None,
+    ) -> ModelInputs:
+        """A prompt's inputs: vision features merged into the embeddings, 3-D positions, routing types."""
+        x = self.embed(input_ids_BT, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+        positions, delta_B1 = self.positions(input_ids_BT, image_grid_thw, video_grid_thw)
+        return ModelInputs(input_ids_BT, positions, x, self.moe_token_types(input_ids_BT), delta_B1)
+
+    def decode_inputs(self, next_ids_BT: torch.Tensor, position: int, prompt: ModelInputs) -> ModelInputs:
+        """Generated tokens after `prompt`, the first at cache position `position`: text tokens at position + delta
+        on all three axes, routed as text (as in transformers' decode)."""
+        B, T = next_ids_BT.shape
+        delta_B1 = prompt.rope_delta if prompt.rope_delta is not None else torch.zeros(B, 1, dtype=torch.long)
+        steps = torch.arange(position, position + T, device=delta_B1.device)
+        positions = (steps[None] + delta_B1).unsqueeze(0).expand(3, B, T)
+        return ModelInputs(next_ids_BT, positions, None, None, delta_B1)
+
+    def forward_inputs(
+        self,
+        inputs: ModelInputs,
+        attn_metadata: AttentionBackend | None = None,
+        router_logits: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """`ModelInputs` -> pre-norm hidden states [B, T, H]."""
+        x = inputs.inputs_embeds
+        if x is None:
+            x = self.model.language_model.embed_tokens(inputs.input_ids)
+        return self.forward_hidden(x, inputs.positions, attn_metadata, inputs.moe_token_types, router_logits)
 
     def forward(
         self,

@@ -1,5 +1,6 @@
 """The model's engine/trainer-facing API: explicit positions and attention backends, router logits, packing."""
 
+import pytest
 import torch
 
 from ernie45.checkpoint import build_empty_model
@@ -65,3 +66,22 @@ def test_chunked_prefill_and_decode_through_static_cache_match_full_forward():
         outs.append(model(chunk, positions, cache))
         cache.advance()
     assert torch.allclose(torch.cat(outs, dim=1), full, atol=1e-5)
+
+
+@torch.no_grad()
+def test_model_protocol_generates_through_the_static_cache_like_the_full_forward():
+    """prepare_inputs -> forward_inputs, then decode_inputs per step (the one generation path): each step's logits
+    equal the full forward's at that position; a text model refuses media inputs by name."""
+    model = tiny_model()
+    ids = torch.randint(0, 80, (2, 9))
+    full = model(ids)
+    cache = StaticKVCache(model.config, 2, 12, torch.float32)
+    prompt = model.prepare_inputs(ids[:, :6])
+    outs = [model.forward_inputs(prompt, cache)]
+    cache.advance()
+    for t in range(6, 9):
+        outs.append(model.forward_inputs(model.decode_inputs(ids[:, t : t + 1], cache.length, prompt), cache))
+        cache.advance()
+    torch.testing.assert_close(model.compute_logits(torch.cat(outs, dim=1)), full, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="pixel_values: image / video inputs need a VL model"):
+        model.prepare_inputs(ids, pixel_values=torch.zeros(1, 3), image_grid_thw=None)

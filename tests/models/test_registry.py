@@ -97,3 +97,18 @@ def test_built_model_has_real_rope_buffers():
     vl = build_empty_model(vl_config())
     assert not vl.model.language_model.rotary_emb.inv_freq.is_meta
     assert not vl.model.vision_tower.inv_freq.is_meta
+
+
+@torch.no_grad()
+def test_vl_protocol_decode_positions_follow_the_rope_delta():
+    """VL decode_inputs: generated tokens at cache position p sit at p + delta on all three axes, routed as text."""
+    model = build_empty_model(vl_config())
+    model.init_weights(torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 90, (2, 5))
+    prompt = model.prepare_inputs(ids)
+    assert prompt.positions.shape == (3, 2, 5) and prompt.inputs_embeds.shape == (2, 5, 64)
+    prompt.rope_delta = torch.tensor([[0], [-2]])
+    step = model.decode_inputs(ids[:, :2], 5, prompt)
+    assert step.positions.tolist() == [[[5, 6], [3, 4]]] * 3 and step.moe_token_types is None
+    hidden = model.forward_inputs(step)
+    assert hidden.shape == (2, 2, 64)
