@@ -204,7 +204,7 @@ def phase_timers(llm: LLM):
     meta_cls = paged_attention.PagedAttentionMetadata
     saved_attend = meta_cls.attend
     saved_one = paged_attention._attend_one
-    saved = dict(schedule=engine.scheduler.schedule, execute=runner.execute, context=runner._context_slots,
+    saved = dict(schedule=engine.scheduler.schedule, execute=runner.execute, context=runner._metadata,
                  sampler=engine.sampler, forward_hidden=model.forward_hidden, compute_logits=model.compute_logits,
                  append=engine._append_token, output=engine._output)
     sampler = engine.sampler
@@ -215,7 +215,7 @@ def phase_timers(llm: LLM):
 
     engine.scheduler.schedule = timed("scheduler.schedule", saved["schedule"])
     runner.execute = timed("runner.execute (all)", saved["execute"])
-    runner._context_slots = timed("runner._context_slots", saved["context"])
+    runner._metadata = timed("runner._metadata", saved["context"])
     model.forward_hidden = timed("model.forward_hidden (all)", saved["forward_hidden"])
     model.compute_logits = timed("model.compute_logits (LM head)", saved["compute_logits"])
     engine.sampler = TimedSampler()
@@ -227,7 +227,7 @@ def phase_timers(llm: LLM):
         yield seconds
     finally:
         engine.scheduler.schedule, engine.sampler = saved["schedule"], sampler
-        for name in ("execute", "_context_slots"):
+        for name in ("execute", "_metadata"):
             vars(runner).pop(name, None)
         for name in ("forward_hidden", "compute_logits"):
             vars(model).pop(name, None)

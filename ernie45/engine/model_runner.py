@@ -8,7 +8,7 @@ import torch
 
 from ..models.ernie45 import Ernie45ForCausalLM
 from ..models.ernie45_vl import Ernie45VLForConditionalGeneration
-from .paged_attention import KVCache, PagedAttentionMetadata, SequenceSlice
+from .paged_attention import KVCache, PagedAttentionMetadata
 from .scheduler import ScheduledBatch
 
 
@@ -19,12 +19,23 @@ class ModelRunner:
         self.cache = cache
         self.block_table_of = block_table_of
         self.device = model.device
-        self._slot_offsets = torch.arange(cache.block_size, device=self.device)
 
-    def _context_slots(self, request_id: str, context_len: int) -> torch.Tensor:
-        blocks = torch.tensor(self.block_table_of(request_id), dtype=torch.long, device=self.device)
-        slots = (blocks[:, None] * self.cache.block_size + self._slot_offsets).reshape(-1)
-        return slots[:context_len]
+    def _metadata(self, batch: ScheduledBatch) -> PagedAttentionMetadata:
+        """The step's attention metadata: the slot each new token is written to, and per sequence its blocks
+        (int32 [S, most blocks], rows padded with block 0, never read), context length and new-token count."""
+        bs = self.cache.block_size
+        slots, tables, context_lens, query_lens = [], [], [], []
+        for request, num_new in batch.requests:
+            start, end = request.num_computed_tokens, request.num_computed_tokens + num_new
+            table = self.block_table_of(request.request_id)[: -(-end // bs)]
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            tables.append(table)
+            context_lens.append(end)
+            query_lens.append(num_new)
+        width = max(map(len, tables))
+        tables_SM = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=self.device)
+        slot_mapping = torch.tensor(slots, dtype=torch.long, device=self.device)
+        return PagedAttentionMetadata(self.cache, slot_mapping, tables_SM, context_lens, query_lens)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int], dict[str, torch.Tensor]]:
@@ -33,7 +44,7 @@ class ModelRunner:
 
         A request samples when this step computes its last known token (decode, or the last prefill chunk).
         """
-        input_ids, positions, slots, sequences, sample_rows, sample_positions = [], [], [], [], [], []
+        input_ids, positions, sample_rows, sample_positions = [], [], [], []
         prompt_rows: dict[str, slice] = {}
         q_start = 0
         for i, (request, num_new) in enumerate(batch.requests):
@@ -41,9 +52,6 @@ class ModelRunner:
             end = start + num_new
             input_ids.extend(request.token_ids[start:end])
             positions.extend(range(start, end))
-            context = self._context_slots(request.request_id, end)
-            slots.append(context[start:end])
-            sequences.append(SequenceSlice(q_start, num_new, end, context))
             if request.params.prompt_logprobs is not None and start < request.num_prompt_tokens - 1:
                 # Position t scores prompt token t + 1: positions up to the second-to-last prompt token.
                 last = min(end, request.num_prompt_tokens - 1)
@@ -53,7 +61,7 @@ class ModelRunner:
                 sample_rows.append(i)
                 sample_positions.append(q_start - 1)
         ids = torch.tensor([input_ids], dtype=torch.long, device=self.device)
-        metadata = PagedAttentionMetadata(self.cache, torch.cat(slots), sequences)
+        metadata = self._metadata(batch)
         if isinstance(self.model, Ernie45VLForConditionalGeneration):
             hidden = self._forward_vl(batch, ids, metadata)
         else:

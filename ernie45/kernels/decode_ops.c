@@ -278,41 +278,15 @@ int ernie45_decode_attention(const void *q, const void *k_new, const void *v_new
     return OPS_OK;
 }
 
-/* The engine's paged cache [slots, K, D]: row m's new k / v [M, K, D] go to slot write_slots[m], then row m
- * attends the slots context_slots[context_offsets[m] .. context_offsets[m + 1]) (its own new slot included). */
-int ernie45_paged_decode_attention(const void *q, const void *k_new, const void *v_new, void *k_cache,
-                                   void *v_cache, int dtype, int64_t M, int64_t N, int64_t K, int64_t D,
-                                   const int64_t *write_slots, const int64_t *context_slots,
-                                   const int64_t *context_offsets, float scale, void *out, int threads) {
-    if (!valid_dtype(dtype)) return OPS_BAD_DTYPE;
-    if (M <= 0 || N <= 0 || K <= 0 || N % K || D <= 0) return OPS_BAD_SHAPE;
-    const size_t elem = dtype == DTYPE_F32 ? 4 : 2, row_bytes = (size_t)(K * D) * elem;
-    int64_t longest = 0, work = 0;
+/* The engine's paged cache [slots, K, D]: row m's new k / v [M, K, D] go to slot write_slots[m] (the attention
+ * that follows reads the cache in place: kernels/paged_attention.c). */
+static void write_paged_rows(const void *k_new, const void *v_new, void *k_cache, void *v_cache, int dtype,
+                             int64_t M, int64_t K, int64_t D, const int64_t *write_slots) {
+    const size_t row_bytes = (size_t)(K * D) * (dtype == DTYPE_F32 ? 4 : 2);
     for (int64_t m = 0; m < M; ++m) {
-        const int64_t L = context_offsets[m + 1] - context_offsets[m];
-        if (L <= 0) return OPS_BAD_SHAPE;
-        longest = L > longest ? L : longest;
-        work += L;
         memcpy((char *)k_cache + write_slots[m] * row_bytes, (const char *)k_new + m * row_bytes, row_bytes);
         memcpy((char *)v_cache + write_slots[m] * row_bytes, (const char *)v_new + m * row_bytes, row_bytes);
     }
-    const int64_t G = N / K;
-    const int64_t scratch = G * longest + 2 * G * D + PV_BLOCK * D;
-    float *buffers = malloc(sizeof(float) * (size_t)(M * K) * (size_t)scratch);
-    if (!buffers) return OPS_NO_MEMORY;
-    if (work * N * D < MIN_PARALLEL_WORK) threads = 1;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-    for (int64_t mh = 0; mh < M * K; ++mh) {
-        const int64_t m = mh / K, h = mh % K;
-        float *p = buffers + mh * scratch, *acc = p + G * longest, *qs = acc + G * D, *buf = qs + G * D;
-        load_row(q, dtype, mh * G * D, qs, G * D);
-        const RowIndex ix = {context_slots + context_offsets[m], h * D, K * D};
-        const int64_t L = context_offsets[m + 1] - context_offsets[m];
-        attend_group(qs, G, D, L, k_cache, v_cache, dtype, &ix, scale, p, acc, buf);
-        store_row(out, dtype, mh * G * D, acc, G * D);
-    }
-    free(buffers);
-    return OPS_OK;
 }
 
 /* ---- all decoder layers of a decode step in one call ----
@@ -366,15 +340,25 @@ typedef struct {
     void *normed, *q, *k, *v, *attn, *gate, *up, *act, *o, *down;
 } DecodeScratch;
 
+/* ernie45_paged_attention (kernels/paged_attention.c, its own library: the caller passes its address). */
+typedef int (*paged_attention_fn)(const void *q, void *out, int dtype, const void *k_cache, const void *v_cache,
+                                  int64_t num_blocks, int64_t B, int64_t R, int64_t S, int64_t N, int64_t K,
+                                  int64_t D, const int32_t *block_tables, int64_t max_blocks,
+                                  const int32_t *context_lens, const int32_t *q_starts, const int32_t *q_lens,
+                                  float scale, int threads);
+
 /* Where a step's attention reads and writes: the static cache (every row at slot `pos` of its own [S, D] rows per
- * kv head) or the engine's paged cache (per-row write slot and context slot lists). ctypes mirrors it. */
+ * kv head) or the engine's paged cache (per-row write slot; row m attends the first context_lens[m] tokens of its
+ * blocks block_tables[m], read in place). ctypes mirrors it. */
 typedef struct {
     int paged;
-    int64_t pos;                    /* static */
-    const int64_t *write_slots;     /* paged [M] */
-    const int64_t *context_slots;   /* paged, concatenated */
-    const int64_t *context_offsets; /* paged [M + 1] */
-    int64_t table_rows;             /* rotary tables: 1 (every row at one position) or M */
+    int64_t pos;                   /* static */
+    const int64_t *write_slots;    /* paged [M] */
+    void *paged_attention;         /* paged: a paged_attention_fn */
+    const int32_t *block_tables;   /* paged [M, max_blocks] */
+    int64_t max_blocks, block_size, num_blocks;
+    const int32_t *context_lens;   /* paged [M] */
+    int64_t table_rows;            /* rotary tables: 1 (every row at one position) or M */
 } DecodeAttention;
 
 static int run_linear(const LinearOp *op, const void *x, int dtype, int64_t M, int threads) {
@@ -414,9 +398,11 @@ int ernie45_decode_layers(const DecodeLayer *layers, int n_layers, const DecodeS
         for (int i = 0; i < layer->n_qkv; ++i) CHECK_LINEAR(run_linear(&layer->qkv[i], s->normed, dt, M, threads));
         CHECK(ernie45_rotary(s->q, s->k, dt, M, s->N, s->K, s->D, cos, sin, at->table_rows));
         if (at->paged) {
-            CHECK(ernie45_paged_decode_attention(s->q, s->k, s->v, layer->k_cache, layer->v_cache, dt, M, s->N, s->K,
-                                                 s->D, at->write_slots, at->context_slots, at->context_offsets,
-                                                 s->scale, s->attn, threads));
+            write_paged_rows(s->k, s->v, layer->k_cache, layer->v_cache, dt, M, s->K, s->D, at->write_slots);
+            CHECK(((paged_attention_fn)at->paged_attention)(s->q, s->attn, dt, layer->k_cache, layer->v_cache,
+                                                            at->num_blocks, at->block_size, M, M, s->N, s->K, s->D,
+                                                            at->block_tables, at->max_blocks, at->context_lens, NULL,
+                                                            NULL, s->scale, threads));
         } else {
             CHECK(ernie45_decode_attention(s->q, s->k, s->v, layer->k_cache, layer->v_cache, dt, M, s->N, s->K,
                                            s->D, s->S, at->pos, s->scale, s->attn, threads));

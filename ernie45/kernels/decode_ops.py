@@ -34,7 +34,6 @@ class _Library:
     rotary: Callable[..., int]
     silu_mul: Callable[..., int]
     decode_attention: Callable[..., int]
-    paged_decode_attention: Callable[..., int]
     decode_layers: Callable[..., int]
 
 
@@ -49,9 +48,6 @@ def _bind(lib: ctypes.CDLL) -> _Library:
         decode_attention=ctypes.CFUNCTYPE(
             i32, p, p, p, p, p, i32, i64, i64, i64, i64, i64, i64, f32, p, i32
         )(("ernie45_decode_attention", lib)),
-        paged_decode_attention=ctypes.CFUNCTYPE(
-            i32, p, p, p, p, p, i32, i64, i64, i64, i64, p, p, p, f32, p, i32
-        )(("ernie45_paged_decode_attention", lib)),
         decode_layers=ctypes.CFUNCTYPE(i32, p, i32, p, p, p, p, p, i32)(("ernie45_decode_layers", lib)),
     )
 
@@ -166,38 +162,6 @@ def decode_attention(
         _DTYPE_CODES[q_BND.dtype], B, N, K, D, S, pos, scale, out.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     _check(status, "decode_attention")
-    return out
-
-
-def paged_decode_attention(
-    q_MND: torch.Tensor,
-    k_MKD: torch.Tensor,
-    v_MKD: torch.Tensor,
-    k_cache_SKD: torch.Tensor,
-    v_cache_SKD: torch.Tensor,
-    write_slots_M: torch.Tensor,
-    context_slots: torch.Tensor,
-    context_offsets: torch.Tensor,
-    scale: float,
-) -> torch.Tensor | None:
-    """The engine's paged layout: row m's new k / v go to cache slot write_slots[m], then its query heads attend
-    the slots context_slots[context_offsets[m]:context_offsets[m + 1]] (int64 tensors): [M, N, D] out."""
-    if not _takes(q_MND, k_MKD, v_MKD, k_cache_SKD, v_cache_SKD):
-        return None
-    index = (write_slots_M, context_slots, context_offsets)
-    if any(t.dtype != torch.int64 or not t.is_contiguous() or not t.is_cpu for t in index):
-        return None
-    M, N, D = q_MND.shape
-    K = k_cache_SKD.shape[1]
-    if k_MKD.shape != (M, K, D) or v_MKD.shape != (M, K, D) or context_offsets.shape != (M + 1,) or N % K:
-        return None
-    out = torch.empty_like(q_MND)
-    status = _library().paged_decode_attention(
-        q_MND.data_ptr(), k_MKD.data_ptr(), v_MKD.data_ptr(), k_cache_SKD.data_ptr(), v_cache_SKD.data_ptr(),
-        _DTYPE_CODES[q_MND.dtype], M, N, K, D, write_slots_M.data_ptr(), context_slots.data_ptr(),
-        context_offsets.data_ptr(), scale, out.data_ptr(), torch.get_num_threads(),
-    )  # fmt: skip
-    _check(status, "paged_decode_attention")
     return out
 
 

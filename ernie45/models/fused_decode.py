@@ -5,7 +5,8 @@ a layer, each a few microseconds of checks, allocations and ctypes. A `FusedDeco
 (model, KV cache, batch size): ctypes structs that point at the layers' weights, the cache's per-layer slices and
 buffers it owns; a step then costs one call. With the static cache the numerics are the op-by-op path's bit for
 bit: the same C functions run in the same order (norm, q/k/v, rotary, attention, o, add + norm, gate/up, SiLU,
-down, add); in the engine the attention is the C one rather than the engine's torch gather (fp32 rounding apart).
+down, add); in the engine the attention is the paged kernel the layer-by-layer engine step also runs
+(kernels/paged_attention.c, reading the cache in place through the block tables).
 
 It applies to dense decoder layers whose modules are exactly the model's own (`RMSNorm`, `Attention`, `SwiGLU`,
 `Linear` with fp32/bf16/fp16 weights or `QuantizedLinear`) with no hooks, CPU fp32/bf16 activations, no autograd
@@ -28,6 +29,7 @@ from torch import nn
 from torch.nn.modules import module as _module_state  # the global forward hooks live here
 
 from ..kernels import decode_ops, gemv
+from ..kernels import paged_attention as paged_attention_kernel
 from .attention import Attention
 from .layers import Linear, RMSNorm, SwiGLU
 
@@ -88,24 +90,34 @@ class DecodeAttention(ctypes.Structure):
         ("paged", ctypes.c_int),
         ("pos", ctypes.c_int64),
         ("write_slots", ctypes.c_void_p),
-        ("context_slots", ctypes.c_void_p),
-        ("context_offsets", ctypes.c_void_p),
+        ("paged_attention", ctypes.c_void_p),
+        ("block_tables", ctypes.c_void_p),
+        ("max_blocks", ctypes.c_int64),
+        ("block_size", ctypes.c_int64),
+        ("num_blocks", ctypes.c_int64),
+        ("context_lens", ctypes.c_void_p),
         ("table_rows", ctypes.c_int64),
     ]
 
 
 def static_attention(pos: int) -> DecodeAttention:
     """Every row writes and attends up to slot `pos` of the static cache; one rotary table row for all."""
-    return DecodeAttention(0, pos, None, None, None, 1)
+    return DecodeAttention(0, pos, None, None, None, 0, 0, 0, None, 1)
 
 
-def paged_attention(write_slots_M: torch.Tensor, context_slots: torch.Tensor, context_offsets: torch.Tensor
-                    ) -> DecodeAttention:
-    """The engine's paged cache: int64 slot tensors (the caller keeps them alive during the call); one rotary
-    table row per row."""
+def paged_attention(write_slots_M: torch.Tensor, block_tables_MB: torch.Tensor, context_lens_M: torch.Tensor,
+                    block_size: int, num_blocks: int) -> DecodeAttention | None:
+    """The engine's paged cache, read in place by kernels/paged_attention.c: row m writes its new k / v to slot
+    write_slots[m] (int64) and attends the first context_lens[m] tokens of its blocks block_tables[m] (int32; the
+    caller keeps the tensors alive during the call); one rotary table row per row. None when that kernel is
+    unavailable."""
+    entry = paged_attention_kernel.entry_address()
+    if entry is None or write_slots_M.dtype != torch.int64 or block_tables_MB.dtype != torch.int32:
+        return None
     return DecodeAttention(
-        1, 0, write_slots_M.data_ptr(), context_slots.data_ptr(), context_offsets.data_ptr(), write_slots_M.numel()
-    )
+        1, 0, write_slots_M.data_ptr(), entry, block_tables_MB.data_ptr(), block_tables_MB.shape[1], block_size,
+        num_blocks, context_lens_M.data_ptr(), write_slots_M.numel(),
+    )  # fmt: skip
 
 
 def _address(fn) -> int:

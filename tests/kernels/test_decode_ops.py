@@ -175,29 +175,3 @@ def test_model_decode_with_the_ops_equals_the_torch_path(kernel_isa, dtype, monk
     torch_path = decode_logits()
     tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 0.05, "atol": 0.05}
     torch.testing.assert_close(with_ops, torch_path, **tol)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_paged_decode_attention_writes_slots_and_equals_torch(kernel_isa, dtype):
-    """Three sequences of different lengths whose context slots are scattered over the engine's [slots, K, D]."""
-    torch.manual_seed(7)
-    slots, N, K, D = 64, 8, 2, 32
-    k_cache, v_cache = torch.randn(slots, K, D).to(dtype), torch.randn(slots, K, D).to(dtype)
-    order = torch.randperm(slots)
-    lengths = [1, 9, 30]
-    contexts = [order[sum(lengths[:i]) : sum(lengths[: i + 1])] for i in range(3)]
-    write = torch.stack([c[-1] for c in contexts])  # each row's new token sits in its last context slot
-    offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
-    q, k, v = torch.randn(3, N, D).to(dtype), torch.randn(3, K, D).to(dtype), torch.randn(3, K, D).to(dtype)
-    expect_k, expect_v = k_cache.clone(), v_cache.clone()
-    expect_k[write], expect_v[write] = k, v
-    with torch.no_grad():
-        out = decode_ops.paged_decode_attention(q, k, v, k_cache, v_cache, write, torch.cat(contexts), offsets, 0.2)
-    assert torch.equal(k_cache, expect_k) and torch.equal(v_cache, expect_v)
-    for m, context in enumerate(contexts):
-        # [K, G, D] x [K, D, C] in fp32, as the engine's torch path
-        qm = q[m].view(K, N // K, D).float()
-        scores = qm @ expect_k[context].float().permute(1, 2, 0) * 0.2
-        ref = (scores.softmax(-1) @ expect_v[context].float().transpose(0, 1)).reshape(N, D).to(dtype)
-        tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2**-7, "atol": 2**-8}
-        torch.testing.assert_close(out[m], ref, **tol)
