@@ -1,5 +1,6 @@
 """`ernie45 train CONFIG.yaml [key=value ...]`: PT / SFT / DPO (Full or LoRA) or VL-SFT from an ERNIEKit-style YAML
-config. Launch with torchrun for several processes; the command is the same (VL-SFT: one process)."""
+config. Launch with torchrun for several processes; the command is the same (VL-SFT replicates the model with DDP,
+the text stages shard it with FSDP2 when `fsdp` is set)."""
 
 from __future__ import annotations
 

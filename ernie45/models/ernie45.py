@@ -171,6 +171,10 @@ class Ernie45ForCausalLM(nn.Module):
         return self.lm_head(self.model.norm(hidden))
 
     # ---- the protocol every family shares (models/inputs.py) -------------------------------------------------
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [..., H] (no media)."""
+        return self.model.embed_tokens(input_ids)
+
     def prepare_inputs(self, input_ids_BT: torch.Tensor, **media) -> ModelInputs:
         """A prompt's inputs: positions 0..T-1. Text models take no media (ValueError naming what was given)."""
         given = sorted(k for k, v in media.items() if v is not None)

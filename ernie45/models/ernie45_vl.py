@@ -150,6 +150,10 @@ class Ernie45VLForConditionalGeneration(nn.Module):
         return self.lm_head(self.model.language_model.norm(hidden))
 
     # ---- the protocol every family shares (models/inputs.py) -------------------------------------------------
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [..., H] without media (placeholders keep their own embedding)."""
+        return self.model.language_model.embed_tokens(input_ids)
+
     def prepare_inputs(
         self,
         input_ids_BT: torch.Tensor,
@@ -179,9 +183,7 @@ class Ernie45VLForConditionalGeneration(nn.Module):
         router_logits: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """`ModelInputs` -> pre-norm hidden states [B, T, H]."""
-        x = inputs.inputs_embeds
-        if x is None:
-            x = self.model.language_model.embed_tokens(inputs.input_ids)
+        x = inputs.inputs_embeds if inputs.inputs_embeds is not None else self.embed_input_ids(inputs.input_ids)
         return self.forward_hidden(x, inputs.positions, attn_metadata, inputs.moe_token_types, router_logits)
 
     def forward(

@@ -44,7 +44,8 @@ class VisionAttention(nn.Module):
         self, x_NC: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attn: SegmentAttention
     ) -> torch.Tensor:
         N = x_NC.shape[0]
-        q, k, v = self.qkv(x_NC).view(N, 3, self.num_heads, self.head_dim).unbind(1)
+        # Heads from the weight's rows (-1), not the config: a tensor-parallel rank holds only its share of them.
+        q, k, v = self.qkv(x_NC).view(N, 3, -1, self.head_dim).unbind(1)
         cos, sin = rope
         q, k = apply_rotary(q, cos, sin, interleaved=False), apply_rotary(k, cos, sin, interleaved=False)
         o = attn.attend(0, q[None], k[None], v[None], self.scale)[0]

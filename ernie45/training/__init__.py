@@ -1,4 +1,5 @@
-"""Training toolkit: ERNIEKit-compatible configs, data, losses, the PT/SFT/DPO loop, FSDP2 and LoRA.
+"""Training toolkit: ERNIEKit-compatible configs, data, losses, one loop for every stage (PT, SFT, DPO, VL-SFT) with
+the stage's task (data + objective: text_task.py, vl_task.py), FSDP2 / DDP and LoRA.
 
 Hook: `Trainer(cfg, model_transform=fn)` runs `fn(model, cfg)` on the built single-device model before LoRA
 and sharding. `fine_tuning: QAT` (or `qat: true`) fake-quantizes linears during training and exports the packed

@@ -112,3 +112,4 @@ def test_vl_protocol_decode_positions_follow_the_rope_delta():
     assert step.positions.tolist() == [[[5, 6], [3, 4]]] * 3 and step.moe_token_types is None
     hidden = model.forward_inputs(step)
     assert hidden.shape == (2, 2, 64)
+    torch.testing.assert_close(model.embed_input_ids(ids), model.embed(ids))  # no media: plain embeddings
