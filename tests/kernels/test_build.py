@@ -7,10 +7,11 @@ import platform
 import pytest
 import torch
 
-from ernie45.kernels import blas, build, causal_attention, cross_entropy, decode_ops, gemv, paged_attention, qgemv
+from ernie45.kernels import (blas, build, causal_attention, cross_entropy, decode_ops, gemv, moe_experts,
+                             paged_attention, qgemv)
 
 KERNELS = {m.SOURCE_PATH.name: m for m in (gemv, qgemv, decode_ops, cross_entropy, causal_attention, blas,
-                                           paged_attention)}
+                                           paged_attention, moe_experts)}
 X86 = platform.machine() in ("x86_64", "AMD64")
 
 
