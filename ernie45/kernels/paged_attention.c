@@ -31,6 +31,10 @@ enum { PA_OK = 0, PA_BAD_DTYPE = 1, PA_BAD_SHAPE = 2, PA_NO_MEMORY = 3 };
 #define MIN_PARTITION_TOKENS 512
 /* Work items per thread the partitioning aims for, so that unequal sequences still balance. */
 #define ITEMS_PER_THREAD 4
+/* How many blocks ahead of the one being attended its rows are prefetched. */
+#ifndef PREFETCH_BLOCKS
+#define PREFETCH_BLOCKS 2
+#endif
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -66,19 +70,99 @@ INLINE float dot(const float *a, const float *b, int64_t n) {
     return total;
 }
 
-/* acc[D] = acc * keep + sum_j w[j] * rows[j * stride ..][0 .. D) for n rows: accumulators in registers across the
- * rows when D is a multiple of 16 up to 256 (every ERNIE 4.5 head dim), else in memory. */
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+
+INLINE f32x16 splat(float x) { return (f32x16){0} + x; }
+
+/* mask ? a : b, lane by lane (mask lanes all ones or zeros, as vector comparisons give). */
+INLINE f32x16 pick(i32x16 mask, f32x16 a, f32x16 b) { return (f32x16)(((i32x16)a & mask) | ((i32x16)b & ~mask)); }
+
+INLINE float hmax16(f32x16 v) {
+    f32x16 t = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+    v = pick(v > t, v, t);
+    t = __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3);
+    v = pick(v > t, v, t);
+    t = __builtin_shufflevector(v, v, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1);
+    v = pick(v > t, v, t);
+    return v[0] > v[1] ? v[0] : v[1];
+}
+
+/* exp_f32 (fast_exp.h) on 16 lanes at once, with n rounded by the 1.5 * 2^23 trick (|x log2 e| < 2^22 after the
+ * clamp); written in vector types because the scalar loop's rintf does not vectorize on every target. */
+INLINE f32x16 exp16(f32x16 x) {
+    const f32x16 lo = splat(-87.33654f), hi = splat(88.72283f), magic = splat(12582912.0f);
+    const f32x16 cx = pick(x < lo, lo, pick(x > hi, hi, x));
+    const f32x16 n = (cx * 1.44269504f + magic) - magic;
+    const f32x16 r = (cx - n * 0.693145752f) - n * 1.42860677e-6f;
+    f32x16 p = splat(1.0f / 720.0f);
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    const f32x16 y = p * (f32x16)((__builtin_convertvector(n, i32x16) + 127) << 23);
+    return pick(x < lo, splat(0.0f), pick(x > hi, splat(__builtin_inff()), y));
+}
+
+/* The 16 lane sums of a[0..16) in one vector, in 30 shuffles and 15 adds instead of 16 separate halvings: lane L
+ * holds the sum of a[bitrev4(L)] (each level pairs vectors and halves the lanes each one keeps). */
+INLINE f32x16 sum_lanes16(const f32x16 *a) {
+    f32x16 r1[8], r2[4], r3[2];
+    for (int i = 0; i < 8; ++i)
+        r1[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                __builtin_shufflevector(a[2 * i], a[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29,
+                                        30, 31);
+    for (int i = 0; i < 4; ++i)
+        r2[i] = __builtin_shufflevector(r1[2 * i], r1[2 * i + 1], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25,
+                                        26, 27) +
+                __builtin_shufflevector(r1[2 * i], r1[2 * i + 1], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29,
+                                        30, 31);
+    for (int i = 0; i < 2; ++i)
+        r3[i] = __builtin_shufflevector(r2[2 * i], r2[2 * i + 1], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13,
+                                        28, 29) +
+                __builtin_shufflevector(r2[2 * i], r2[2 * i + 1], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15,
+                                        30, 31);
+    return __builtin_shufflevector(r3[0], r3[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
+           __builtin_shufflevector(r3[0], r3[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+}
+
+/* Lane j < n: q . k_j for the key rows k + j * ks (D = 16 * vecs, vecs <= 16); lanes >= n: 0. */
+INLINE f32x16 scores16(const float *q, const float *k, int64_t ks, int64_t n, const int vecs) {
+    static const int bitrev4[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+    f32x16 qv[16], a[16];
+#pragma GCC unroll 16
+    for (int v = 0; v < 16; ++v) qv[v] = v < vecs ? load16(q + 16 * v) : splat(0.0f);
+#pragma GCC unroll 16
+    for (int j = 0; j < 16; ++j) {
+        f32x16 acc = {0};
+        if (j < n)
+#pragma GCC unroll 16
+            for (int v = 0; v < 16; ++v)
+                if (v < vecs) acc += qv[v] * load16(k + j * ks + 16 * v);
+        a[bitrev4[j]] = acc; /* so that lane j of the result is key j's */
+    }
+    return sum_lanes16(a);
+}
+
+/* acc[D] = acc * keep + sum_j w[j] * rows[j * stride ..][0 .. D) for n rows: with vecs = D / 16 (D a multiple of
+ * 16 up to 256, every ERNIE 4.5 head dim) the accumulators stay in registers across the rows, else (vecs = 0)
+ * they live in memory. vecs is a constant where this is inlined: the `v < vecs` tests fold away (as a variable
+ * they cost more than the multiply-adds). */
 INLINE void rescale_add_rows(float keep, const float *w, const float *rows, int64_t stride, int64_t n, int64_t D,
-                             float *acc) {
-    if (D % 16 == 0 && D <= 256) {
+                             float *acc, const int vecs) {
+    if (vecs > 0) {
         f32x16 a[16];
-        const int64_t vecs = D / 16;
-        for (int64_t v = 0; v < vecs; ++v) a[v] = load16(acc + 16 * v) * keep;
+#pragma GCC unroll 16
+        for (int v = 0; v < 16; ++v)
+            if (v < vecs) a[v] = load16(acc + 16 * v) * keep;
         for (int64_t j = 0; j < n; ++j)
 #pragma GCC unroll 16
-            for (int64_t v = 0; v < 16; ++v)
+            for (int v = 0; v < 16; ++v)
                 if (v < vecs) a[v] += w[j] * load16(rows + j * stride + 16 * v);
-        for (int64_t v = 0; v < vecs; ++v) memcpy(acc + 16 * v, &a[v], sizeof a[v]);
+#pragma GCC unroll 16
+        for (int v = 0; v < 16; ++v)
+            if (v < vecs) memcpy(acc + 16 * v, &a[v], sizeof a[v]);
         return;
     }
     for (int64_t d = 0; d < D; ++d) acc[d] *= keep;
@@ -111,10 +195,8 @@ typedef struct {
     float scale;
 } Item;
 
-/* Online softmax over the item's blocks for its Q = q_len * G query rows qf [Q, D] (fp32): on return, per row, the
- * running max m, the sum of exp(score - m) l and the unnormalized output acc [Q, D]. Scratch: scores [Q, B],
- * kbuf / vbuf [B, D] (bf16 widening). Query token i sees positions <= first_query_pos + i. */
-static void attend_item(const Item *it, const float *qf, float *m, float *l, float *acc, float *scores, float *kbuf,
+/* attend_item for any head dim, one dot product at a time. */
+static void attend_item_any(const Item *it, const float *qf, float *m, float *l, float *acc, float *scores, float *kbuf,
                         float *vbuf) {
     const int64_t G = it->G, D = it->D, B = it->B, Q = it->q_len * G;
     for (int64_t r = 0; r < Q; ++r) {
@@ -148,8 +230,71 @@ static void attend_item(const Item *it, const float *qf, float *m, float *l, flo
             const float keep = m[r] == -INFINITY ? 0.0f : exp_f32(m[r] - top);
             l[r] = l[r] * keep + total;
             m[r] = top;
-            rescale_add_rows(keep, s, v, vs, seen, D, acc + r * D);
+            rescale_add_rows(keep, s, v, vs, seen, D, acc + r * D, 0);
         }
+    }
+}
+
+/* Online softmax over the item's blocks for its Q = q_len * G query rows qf [Q, D] (fp32): on return, per row, the
+ * running max m, the sum of exp(score - m) l and the unnormalized output acc [Q, D]. Scratch: scores [Q, B],
+ * kbuf / vbuf [B, D] (bf16 widening). Query token i sees positions <= first_query_pos + i. Head dims that are a
+ * multiple of 16 up to 256 take 16 keys at a time in vector registers; the next block is prefetched meanwhile
+ * (blocks lie anywhere: the hardware prefetchers cannot guess where the next one starts). */
+INLINE void attend_blocks(const Item *it, const float *qf, float *m, float *l, float *acc, float *kbuf, float *vbuf,
+                          const int vecs) {
+    const int64_t G = it->G, D = it->D, B = it->B, Q = it->q_len * G;
+    const i32x16 iota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    const int64_t elem = it->dtype == DTYPE_F32 ? 4 : 2, row_bytes = D * elem;
+    for (int64_t r = 0; r < Q; ++r) {
+        m[r] = -INFINITY;
+        l[r] = 0.0f;
+    }
+    memset(acc, 0, sizeof(float) * (size_t)(Q * D));
+    for (int64_t b = it->block_first; b < it->block_end; ++b) {
+        const int64_t t0 = b * B, n = it->context_len - t0 < B ? it->context_len - t0 : B;
+        const int64_t first = (int64_t)it->table[b] * B * it->slot_stride + it->head_offset;
+        if (b + PREFETCH_BLOCKS < it->block_end) {
+            const int64_t next = (int64_t)it->table[b + PREFETCH_BLOCKS] * B * it->slot_stride + it->head_offset;
+            for (int64_t j = 0; j < B; ++j)
+                for (int64_t o = 0; o < row_bytes; o += 64) {
+                    __builtin_prefetch((const char *)it->k_cache + (next + j * it->slot_stride) * elem + o);
+                    __builtin_prefetch((const char *)it->v_cache + (next + j * it->slot_stride) * elem + o);
+                }
+        }
+        int64_t ks, vs;
+        const float *k = rows_fp32(it->k_cache, it->dtype, first, it->slot_stride, n, D, kbuf, &ks);
+        const float *v = rows_fp32(it->v_cache, it->dtype, first, it->slot_stride, n, D, vbuf, &vs);
+        for (int64_t c0 = 0; c0 < n; c0 += 16) {
+            const int64_t cn = n - c0 < 16 ? n - c0 : 16;
+            for (int64_t r = 0; r < Q; ++r) {
+                int64_t seen = it->first_query_pos + r / G + 1 - t0 - c0;
+                seen = seen < cn ? seen : cn;
+                if (seen <= 0) continue;
+                f32x16 s = scores16(qf + r * D, k + c0 * ks, ks, seen, vecs) * it->scale;
+                s = pick(iota < (i32x16){0} + (int32_t)seen, s, splat(-INFINITY));
+                const float top = fmaxf(m[r], hmax16(s));
+                const f32x16 p = exp16(s - top);
+                const float keep = exp_f32(m[r] - top); /* 0 on the first keys (m = -inf) */
+                l[r] = l[r] * keep + hsum16(p);
+                m[r] = top;
+                float w[16];
+                memcpy(w, &p, sizeof w);
+                rescale_add_rows(keep, w, v + c0 * vs, vs, seen, D, acc + r * D, vecs);
+            }
+        }
+    }
+}
+
+static void attend_item(const Item *it, const float *qf, float *m, float *l, float *acc, float *scores, float *kbuf,
+                        float *vbuf) {
+    switch (it->D % 16 ? 0 : it->D / 16) { /* one copy of attend_blocks per head dim, its loops unrolled */
+#define HEAD_DIM_CASE(n) \
+    case n: attend_blocks(it, qf, m, l, acc, kbuf, vbuf, n); return;
+        HEAD_DIM_CASE(1) HEAD_DIM_CASE(2) HEAD_DIM_CASE(3) HEAD_DIM_CASE(4) HEAD_DIM_CASE(5) HEAD_DIM_CASE(6)
+        HEAD_DIM_CASE(7) HEAD_DIM_CASE(8) HEAD_DIM_CASE(9) HEAD_DIM_CASE(10) HEAD_DIM_CASE(11) HEAD_DIM_CASE(12)
+        HEAD_DIM_CASE(13) HEAD_DIM_CASE(14) HEAD_DIM_CASE(15) HEAD_DIM_CASE(16)
+#undef HEAD_DIM_CASE
+    default: attend_item_any(it, qf, m, l, acc, scores, kbuf, vbuf);
     }
 }
 
