@@ -158,6 +158,17 @@ class PreparedQgemv:
             for qweight, scales, zeros, bias in weights
         ))  # fmt: skip
 
+    def bind_outputs(self, output_addresses: Sequence[int]) -> tuple[int, int]:
+        """For a caller that runs the C entry point itself (the fused decode step writes into its own buffers):
+        point weight i's output at `output_addresses[i]` for every later call made through the returned
+        (entry point address, address of the weight descriptor array). Calling this object afterwards rebinds
+        them to fresh tensors, so a prepared call serves one or the other."""
+        if len(output_addresses) != len(self.out_features):
+            raise ValueError(f"qgemv: {len(self.out_features)} outputs to bind, got {len(output_addresses)}")
+        for struct, address in zip(self._structs, output_addresses):
+            struct.y = address
+        return ctypes.cast(self._fn, ctypes.c_void_p).value, ctypes.addressof(self._structs)
+
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         # ~60 calls per decode step: kept to the few tensor operations it needs.
         if not x.is_contiguous():

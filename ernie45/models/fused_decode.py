@@ -188,13 +188,12 @@ class FusedDecode:
             call = QuantizedLinear.prepare_group(modules)  # our own call: its outputs point at the plan's buffers
             if call is None:
                 raise _NotFusable
-            for struct, y in zip(call._structs, outputs):
-                struct.y = y
+            fn, weights = call.bind_outputs(outputs)
             self._keep.append(call)
             op = ops[0]
-            op.fn, op.kind, op.count = _address(call._fn), _LINEAR_QGEMV, len(modules)
+            op.fn, op.kind, op.count = fn, _LINEAR_QGEMV, len(modules)
             op.bits, op.group_size = first.spec.bits, first.group_size
-            op.weights, op.K = ctypes.addressof(call._structs), first.in_features
+            op.weights, op.K = weights, first.in_features
             return 1
         library = gemv._library()
         for m, y, op in zip(modules, outputs, ops):
