@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import torch
 
+from ..models import spec_for
 from ..models.ernie45 import Ernie45ForCausalLM
-from ..models.ernie45_vl import Ernie45VLForConditionalGeneration
+from ..models.inputs import ModelInputs
+from .multimodal import vl_step_inputs
 from .paged_attention import KVCache, PagedAttentionMetadata
 from .scheduler import ScheduledBatch
 
@@ -19,6 +21,7 @@ class ModelRunner:
         self.cache = cache
         self.block_table_of = block_table_of
         self.device = model.device
+        self.is_multimodal = spec_for(model).is_multimodal
 
     def _metadata(self, batch: ScheduledBatch) -> PagedAttentionMetadata:
         """The step's attention metadata: the slot each new token is written to, and per sequence its blocks
@@ -62,42 +65,13 @@ class ModelRunner:
                 sample_positions.append(q_start - 1)
         ids = torch.tensor([input_ids], dtype=torch.long, device=self.device)
         metadata = self._metadata(batch)
-        if isinstance(self.model, Ernie45VLForConditionalGeneration):
-            hidden = self._forward_vl(batch, ids, metadata)
+        if self.is_multimodal:
+            inputs = vl_step_inputs(self.model, batch, ids)
         else:
-            pos = torch.tensor([positions], dtype=torch.long, device=self.device)
-            hidden = self.model.forward_hidden(ids, pos, metadata)
+            inputs = ModelInputs(ids, torch.tensor([positions], dtype=torch.long, device=self.device))
+        hidden = self.model.forward_inputs(inputs, metadata)
         prompt_logits = {rid: self.model.compute_logits(hidden[0, rows]).float() for rid, rows in prompt_rows.items()}
         if not sample_rows:
             return hidden.new_empty(0, self.model.config.vocab_size, dtype=torch.float32), [], prompt_logits
         logits = self.model.compute_logits(hidden[0, sample_positions]).float()
         return logits, sample_rows, prompt_logits
-
-    def _forward_vl(self, batch: ScheduledBatch, ids_1N: torch.Tensor, metadata) -> torch.Tensor:
-        """VL batch: vision embeddings placed at this step's placeholder tokens, 3-D positions, routing types.
-
-        Prompt tokens take the request's precomputed rows / positions / types, so any chunk boundary is exact;
-        generated tokens sit at t + rope_delta on all axes and route as text (as in transformers' decode)."""
-        x_1NH = self.model.model.language_model.embed_tokens(ids_1N)
-        positions, types, q_start = [], [], 0
-        for request, num_new in batch.requests:
-            start, end = request.num_computed_tokens, request.num_computed_tokens + num_new
-            mm, prompt_end = request.mm, min(end, request.num_prompt_tokens)
-            delta = mm.rope_delta if mm is not None else 0
-            if mm is not None and start < prompt_end:
-                positions.append(mm.positions_3T[:, start:prompt_end])
-                types.append(mm.moe_types_T[start:prompt_end])
-                rows = mm.rows_T[start:prompt_end]
-                local = (rows >= 0).nonzero().squeeze(-1)
-                if local.numel():
-                    x_1NH[0, q_start + local.to(self.device)] = mm.encode(self.model)[rows[local].to(self.device)]
-                gen_start = prompt_end
-            else:
-                gen_start = start
-            if gen_start < end:
-                positions.append((torch.arange(gen_start, end) + delta).expand(3, -1))
-                types.append(torch.zeros(end - gen_start, dtype=torch.long))
-            q_start += num_new
-        pos_31N = torch.cat(positions, dim=1)[:, None].to(self.device)
-        types_1N = torch.cat(types)[None].to(self.device)
-        return self.model.forward_hidden(x_1NH, pos_31N, metadata, types_1N)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..models.inputs import ModelInputs
 from ..models.vl_positions import rope_positions, token_types
 
 
@@ -125,3 +126,35 @@ def split_content_parts(conversation: list[dict], config, tokenizer) -> tuple[li
                 raise ValueError(f"unsupported content part type {kind!r} (text, image_url, video_url, image, video)")
         messages.append({**message, "content": "".join(pieces)})
     return messages, {k: v for k, v in data.items() if v}
+
+
+def vl_step_inputs(model, batch, ids_1N: torch.Tensor) -> ModelInputs:
+    """A VL model's inputs for one engine step (`batch`: a ScheduledBatch, `ids_1N` its flattened tokens): vision
+    embeddings placed at this step's placeholder tokens, 3-D positions, routing types.
+
+    Prompt tokens take the request's precomputed rows / positions / types, so any chunk boundary is exact;
+    generated tokens sit at t + rope_delta on all axes and route as text (as in transformers' decode)."""
+    device = ids_1N.device
+    x_1NH = model.embed_input_ids(ids_1N)
+    positions, types, q_start = [], [], 0
+    for request, num_new in batch.requests:
+        start, end = request.num_computed_tokens, request.num_computed_tokens + num_new
+        mm, prompt_end = request.mm, min(end, request.num_prompt_tokens)
+        delta = mm.rope_delta if mm is not None else 0
+        if mm is not None and start < prompt_end:
+            positions.append(mm.positions_3T[:, start:prompt_end])
+            types.append(mm.moe_types_T[start:prompt_end])
+            rows = mm.rows_T[start:prompt_end]
+            local = (rows >= 0).nonzero().squeeze(-1)
+            if local.numel():
+                x_1NH[0, q_start + local.to(device)] = mm.encode(model)[rows[local].to(device)]
+            gen_start = prompt_end
+        else:
+            gen_start = start
+        if gen_start < end:
+            positions.append((torch.arange(gen_start, end) + delta).expand(3, -1))
+            types.append(torch.zeros(end - gen_start, dtype=torch.long))
+        q_start += num_new
+    pos_31N = torch.cat(positions, dim=1)[:, None].to(device)
+    types_1N = torch.cat(types)[None].to(device)
+    return ModelInputs(ids_1N, pos_31N, inputs_embeds=x_1NH, moe_token_types=types_1N)
