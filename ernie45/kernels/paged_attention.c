@@ -53,6 +53,18 @@ INLINE f32x16 load16(const float *p) {
     return v;
 }
 
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+
+/* 16 elements at element i of a fp32 (bf16 = 0) or bf16 (bf16 = 1) array, widened exactly (bf16 is the top half of
+ * a fp32). In the vector path the caches are read this way, in place: no widened copy. */
+INLINE f32x16 load16_as(const void *p, int64_t i, const int bf16) {
+    if (!bf16) return load16((const float *)p + i);
+    u16x16 h;
+    memcpy(&h, (const uint16_t *)p + i, sizeof h);
+    return (f32x16)(__builtin_convertvector(h, u32x16) << 16);
+}
+
 /* Sum of the 16 lanes by halving in registers (a store and narrow reloads would stall on store forwarding). */
 INLINE float hsum16(f32x16 v) {
     f32x8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
@@ -127,8 +139,9 @@ INLINE f32x16 sum_lanes16(const f32x16 *a) {
            __builtin_shufflevector(r3[0], r3[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
 }
 
-/* Lane j < n: q . k_j for the key rows k + j * ks (D = 16 * vecs, vecs <= 16); lanes >= n: 0. */
-INLINE f32x16 scores16(const float *q, const float *k, int64_t ks, int64_t n, const int vecs) {
+/* Lane j < n: q . k_j for the key rows at elements k0 + j * ks of k (D = 16 * vecs, vecs <= 16); lanes >= n: 0. */
+INLINE f32x16 scores16(const float *q, const void *k, int64_t k0, int64_t ks, int64_t n, const int vecs,
+                       const int bf16) {
     static const int bitrev4[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
     f32x16 qv[16], a[16];
 #pragma GCC unroll 16
@@ -139,18 +152,18 @@ INLINE f32x16 scores16(const float *q, const float *k, int64_t ks, int64_t n, co
         if (j < n)
 #pragma GCC unroll 16
             for (int v = 0; v < 16; ++v)
-                if (v < vecs) acc += qv[v] * load16(k + j * ks + 16 * v);
+                if (v < vecs) acc += qv[v] * load16_as(k, k0 + j * ks + 16 * v, bf16);
         a[bitrev4[j]] = acc; /* so that lane j of the result is key j's */
     }
     return sum_lanes16(a);
 }
 
-/* acc[D] = acc * keep + sum_j w[j] * rows[j * stride ..][0 .. D) for n rows: with vecs = D / 16 (D a multiple of
+/* acc[D] = acc * keep + sum_j w[j] * rows[j * stride ..][0 .. D) for n rows (bf16 rows only with vecs > 0): with vecs = D / 16 (D a multiple of
  * 16 up to 256, every ERNIE 4.5 head dim) the accumulators stay in registers across the rows, else (vecs = 0)
  * they live in memory. vecs is a constant where this is inlined: the `v < vecs` tests fold away (as a variable
  * they cost more than the multiply-adds). */
-INLINE void rescale_add_rows(float keep, const float *w, const float *rows, int64_t stride, int64_t n, int64_t D,
-                             float *acc, const int vecs) {
+INLINE void rescale_add_rows(float keep, const float *w, const void *rows, int64_t stride, int64_t n, int64_t D,
+                             float *acc, const int vecs, const int bf16) {
     if (vecs > 0) {
         f32x16 a[16];
 #pragma GCC unroll 16
@@ -159,7 +172,7 @@ INLINE void rescale_add_rows(float keep, const float *w, const float *rows, int6
         for (int64_t j = 0; j < n; ++j)
 #pragma GCC unroll 16
             for (int v = 0; v < 16; ++v)
-                if (v < vecs) a[v] += w[j] * load16(rows + j * stride + 16 * v);
+                if (v < vecs) a[v] += w[j] * load16_as(rows, j * stride + 16 * v, bf16);
 #pragma GCC unroll 16
         for (int v = 0; v < 16; ++v)
             if (v < vecs) memcpy(acc + 16 * v, &a[v], sizeof a[v]);
@@ -167,7 +180,7 @@ INLINE void rescale_add_rows(float keep, const float *w, const float *rows, int6
     }
     for (int64_t d = 0; d < D; ++d) acc[d] *= keep;
     for (int64_t j = 0; j < n; ++j)
-        for (int64_t d = 0; d < D; ++d) acc[d] += w[j] * rows[j * stride + d];
+        for (int64_t d = 0; d < D; ++d) acc[d] += w[j] * ((const float *)rows)[j * stride + d];
 }
 
 /* n rows of D for one kv head, starting at element `first` with `stride` between rows: in place for fp32, else
@@ -230,18 +243,16 @@ static void attend_item_any(const Item *it, const float *qf, float *m, float *l,
             const float keep = m[r] == -INFINITY ? 0.0f : exp_f32(m[r] - top);
             l[r] = l[r] * keep + total;
             m[r] = top;
-            rescale_add_rows(keep, s, v, vs, seen, D, acc + r * D, 0);
+            rescale_add_rows(keep, s, v, vs, seen, D, acc + r * D, 0, 0);
         }
     }
 }
 
-/* Online softmax over the item's blocks for its Q = q_len * G query rows qf [Q, D] (fp32): on return, per row, the
- * running max m, the sum of exp(score - m) l and the unnormalized output acc [Q, D]. Scratch: scores [Q, B],
- * kbuf / vbuf [B, D] (bf16 widening). Query token i sees positions <= first_query_pos + i. Head dims that are a
- * multiple of 16 up to 256 take 16 keys at a time in vector registers; the next block is prefetched meanwhile
- * (blocks lie anywhere: the hardware prefetchers cannot guess where the next one starts). */
-INLINE void attend_blocks(const Item *it, const float *qf, float *m, float *l, float *acc, float *kbuf, float *vbuf,
-                          const int vecs) {
+/* attend_item for D = 16 * vecs: 16 keys at a time in vector registers, the cache read in place in its dtype; the
+ * block PREFETCH_BLOCKS ahead is prefetched meanwhile (blocks lie anywhere: the hardware prefetchers cannot guess
+ * where the next one starts). */
+INLINE void attend_blocks(const Item *it, const float *qf, float *m, float *l, float *acc, const int vecs,
+                          const int bf16) {
     const int64_t G = it->G, D = it->D, B = it->B, Q = it->q_len * G;
     const i32x16 iota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
     const int64_t elem = it->dtype == DTYPE_F32 ? 4 : 2, row_bytes = D * elem;
@@ -261,16 +272,14 @@ INLINE void attend_blocks(const Item *it, const float *qf, float *m, float *l, f
                     __builtin_prefetch((const char *)it->v_cache + (next + j * it->slot_stride) * elem + o);
                 }
         }
-        int64_t ks, vs;
-        const float *k = rows_fp32(it->k_cache, it->dtype, first, it->slot_stride, n, D, kbuf, &ks);
-        const float *v = rows_fp32(it->v_cache, it->dtype, first, it->slot_stride, n, D, vbuf, &vs);
+        const int64_t ks = it->slot_stride;
         for (int64_t c0 = 0; c0 < n; c0 += 16) {
             const int64_t cn = n - c0 < 16 ? n - c0 : 16;
             for (int64_t r = 0; r < Q; ++r) {
                 int64_t seen = it->first_query_pos + r / G + 1 - t0 - c0;
                 seen = seen < cn ? seen : cn;
                 if (seen <= 0) continue;
-                f32x16 s = scores16(qf + r * D, k + c0 * ks, ks, seen, vecs) * it->scale;
+                f32x16 s = scores16(qf + r * D, it->k_cache, first + c0 * ks, ks, seen, vecs, bf16) * it->scale;
                 s = pick(iota < (i32x16){0} + (int32_t)seen, s, splat(-INFINITY));
                 const float top = fmaxf(m[r], hmax16(s));
                 const f32x16 p = exp16(s - top);
@@ -279,17 +288,27 @@ INLINE void attend_blocks(const Item *it, const float *qf, float *m, float *l, f
                 m[r] = top;
                 float w[16];
                 memcpy(w, &p, sizeof w);
-                rescale_add_rows(keep, w, v + c0 * vs, vs, seen, D, acc + r * D, vecs);
+                const void *v = bf16 ? (const void *)((const uint16_t *)it->v_cache + first + c0 * ks)
+                                     : (const void *)((const float *)it->v_cache + first + c0 * ks);
+                rescale_add_rows(keep, w, v, ks, seen, D, acc + r * D, vecs, bf16);
             }
         }
     }
 }
 
+/* Online softmax over the item's blocks for its Q = q_len * G query rows qf [Q, D] (fp32): on return, per row, the
+ * running max m, the sum of exp(score - m) l and the unnormalized output acc [Q, D]. Query token i sees positions
+ * <= first_query_pos + i. Scratch for head dims off the vector path: scores [Q, B], kbuf / vbuf [B, D]. */
 static void attend_item(const Item *it, const float *qf, float *m, float *l, float *acc, float *scores, float *kbuf,
                         float *vbuf) {
-    switch (it->D % 16 ? 0 : it->D / 16) { /* one copy of attend_blocks per head dim, its loops unrolled */
+    switch (it->D % 16 ? 0 : it->D / 16) { /* one copy of attend_blocks per head dim and dtype, its loops unrolled */
 #define HEAD_DIM_CASE(n) \
-    case n: attend_blocks(it, qf, m, l, acc, kbuf, vbuf, n); return;
+    case n:                                                                                                       \
+        if (it->dtype == DTYPE_F32)                                                                               \
+            attend_blocks(it, qf, m, l, acc, n, 0);                                                               \
+        else                                                                                                      \
+            attend_blocks(it, qf, m, l, acc, n, 1);                                                               \
+        return;
         HEAD_DIM_CASE(1) HEAD_DIM_CASE(2) HEAD_DIM_CASE(3) HEAD_DIM_CASE(4) HEAD_DIM_CASE(5) HEAD_DIM_CASE(6)
         HEAD_DIM_CASE(7) HEAD_DIM_CASE(8) HEAD_DIM_CASE(9) HEAD_DIM_CASE(10) HEAD_DIM_CASE(11) HEAD_DIM_CASE(12)
         HEAD_DIM_CASE(13) HEAD_DIM_CASE(14) HEAD_DIM_CASE(15) HEAD_DIM_CASE(16)
