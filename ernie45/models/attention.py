@@ -100,11 +100,12 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         B, T, _ = x_BTH.shape
         q, k, v = shared_input_projections(x_BTH, (self.q_proj, self.k_proj, self.v_proj))
-        q = q.view(B, T, self.num_heads, self.head_dim)
-        k = k.view(B, T, self.num_kv_heads, self.head_dim)
-        v = v.view(B, T, self.num_kv_heads, self.head_dim)
+        # Head counts come from the projections' outputs, not the config: a tensor-parallel rank holds a slice.
+        q = q.view(B, T, -1, self.head_dim)
+        k = k.view(B, T, -1, self.head_dim)
+        v = v.view(B, T, -1, self.head_dim)
         cos, sin = rope
         if not decode_ops.rotary_(q, k, cos, sin):  # in place, one C call where it applies (no autograd, CPU)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         o = attn_metadata.attend(self.layer_idx, q, k, v, self.scale)
-        return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim))
+        return self.o_proj(o.reshape(B, T, -1))

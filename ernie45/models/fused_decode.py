@@ -140,8 +140,11 @@ class FusedDecode:
         """k_layers / v_layers [L, ...]: each layer's cache, static [B, K, S, D] (static_slots = S) or paged
         [slots, K, D] (static_slots = 0)."""
         config = model.config
-        H, N, K, D = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        I = config.intermediate_size
+        # Head counts and the MLP width from the weights this model holds (a tensor-parallel rank holds a slice).
+        attn0, mlp0 = model.layers[0].self_attn, model.layers[0].mlp
+        H, D = config.hidden_size, config.head_dim
+        N, K = attn0.q_proj.out_features // D, attn0.k_proj.out_features // D
+        I = mlp0.down_proj.in_features if hasattr(mlp0, "down_proj") else config.intermediate_size  # MoE: declined
         S = static_slots
         self.rows, self.dtype = rows, dtype
         self._keep: list = [k_layers, v_layers]  # every tensor and struct the C side points at
