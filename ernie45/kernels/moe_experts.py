@@ -66,6 +66,8 @@ def experts(
     if x_NH.requires_grad and torch.is_grad_enabled():
         return None
     N, H = x_NH.shape
+    if N == 0:  # e.g. a VL step with no vision tokens: that modality's experts get nothing
+        return torch.empty_like(x_NH)
     E, two_I, _ = gate_up_E2IH.shape
     if gate_up_E2IH.shape[2] != H or down_EHI.shape != (E, H, two_I // 2) or down_EHI.dtype != gate_up_E2IH.dtype:
         return None
