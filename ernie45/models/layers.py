@@ -42,8 +42,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     - <= 16 rows without autograd (decode): our GEMV kernel, which streams the weight once at close to memory
       bandwidth (torch's small-M matmuls reach about half of it);
     - many rows, half-precision weight, CPU without half arithmetic (prefill): the weight is upcast to fp32;
-    - under autograd in fp32 (training): `training_linear`, whose GEMMs run on OpenBLAS where it is faster than
-      torch's (kernels.blas; `ERNIE45_BLAS` chooses).
+    - under autograd in fp32 (training), or more rows than the GEMV takes: `training_linear`, whose GEMMs run on
+      OpenBLAS where it is faster than torch's (kernels.blas; `ERNIE45_BLAS` chooses).
     """
     if weight.device.type != "cpu":
         return F.linear(x, weight, bias)
@@ -60,7 +60,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             # here (benchmarks/results/2026-11-27-engine-throughput.md).
             out = torch.cat([gemv_kernel.gemv(x2d[i : i + chunk], weight, bias) for i in range(0, rows, chunk)])
             return out.view(*x.shape[:-1], weight.shape[0])
-    if needs_grad and training_linear.takes(x, weight, bias):
+    # Many rows without autograd (prefill, MoE experts' grouped GEMMs) too: OpenBLAS's GEMM where `kernels.blas`
+    # enables it beat torch's MKL by 10-50% at 32-384 rows here (Zen 5: 215-233 vs 170-205 GFLOP/s; issue 16).
+    if (needs_grad or rows > _GEMV_CHUNKED_MAX_ROWS) and training_linear.takes(x, weight, bias):
         return training_linear.linear(x, weight, bias)
     if weight.dtype in (torch.bfloat16, torch.float16) and rows > _HALF_GEMV_MAX_ROWS and not cpu_has_fast_half(weight.dtype):
         return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
