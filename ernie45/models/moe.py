@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 from torch.nn.modules import module as _module_state  # the global forward hooks live here
 
 from ..kernels import moe_experts
@@ -24,8 +23,8 @@ from .layers import Linear, SwiGLU, linear, silu_mul
 
 KERNEL_MAX_TOKENS = 64
 """Most tokens the C experts kernel takes. 0.3B-like MoE (32 experts top-6 x 512 + 2 shared, H 1024), Zen 5,
-2 threads, A/B in one process: 1.7x the grouped torch path at 1 token, 1.1-1.4x at 2-64 tokens, even at 128-256
-(where GEMMs start to win: each expert then has 24+ rows)."""
+2 threads, A/B in one process: 1.7x the grouped torch path at 1 token, 1.1-1.4x at 2-64 tokens, about even at
+128-256 (where GEMMs start to win: each expert then has 24+ rows)."""
 
 
 class MoeStatics(nn.Module):
