@@ -15,6 +15,7 @@
 #include <string.h>
 
 #include "scalar_types.h"
+#include "vec16.h"
 #include "fast_exp.h"
 
 enum { OPS_OK = 0, OPS_BAD_DTYPE = 1, OPS_BAD_SHAPE = 2, OPS_NO_MEMORY = 3 };
@@ -70,35 +71,10 @@ INLINE void store_row(void *p, int dtype, int64_t i0, const float *src, int64_t 
     }
 }
 
-typedef float f32x16 __attribute__((vector_size(64)));
 
-INLINE f32x16 load16(const float *p) {
-    f32x16 v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
 
-typedef float f32x8 __attribute__((vector_size(32)));
-typedef float f32x4 __attribute__((vector_size(16)));
 
-/* Sum of the 16 lanes by halving in registers (through memory, the wide store then narrow reloads stall on
- * store forwarding: that was half of the attention's time). */
-INLINE float hsum16(f32x16 v) {
-    f32x8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-              __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-    f32x4 c = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-    return (c[0] + c[2]) + (c[1] + c[3]);
-}
 
-/* sum_i a[i] * b[i] in 16 lanes (a vector per 16 elements, one horizontal sum at the end). */
-INLINE float dot(const float *a, const float *b, int64_t n) {
-    f32x16 acc = {0};
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) acc += load16(a + i) * load16(b + i);
-    float total = hsum16(acc);
-    for (; i < n; ++i) total += a[i] * b[i];
-    return total;
-}
 
 /* out[m] = weight * round(x[m] * rsqrt(mean(x[m]^2) + eps)) for M rows of H, as RMSNorm.forward: the normalized
  * row is rounded to x's dtype before the weight multiplies it, and the product to out's dtype. If `residual` is

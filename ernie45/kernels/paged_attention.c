@@ -19,6 +19,7 @@
 #include <string.h>
 
 #include "scalar_types.h"
+#include "vec16.h"
 #include "fast_exp.h"
 
 enum { PA_OK = 0, PA_BAD_DTYPE = 1, PA_BAD_SHAPE = 2, PA_NO_MEMORY = 3 };
@@ -43,15 +44,7 @@ INLINE int thread_index(void) { return omp_get_thread_num(); }
 INLINE int thread_index(void) { return 0; }
 #endif
 
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef float f32x8 __attribute__((vector_size(32)));
-typedef float f32x4 __attribute__((vector_size(16)));
 
-INLINE f32x16 load16(const float *p) {
-    f32x16 v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
 
 typedef uint16_t u16x16 __attribute__((vector_size(32)));
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
@@ -65,22 +58,7 @@ INLINE f32x16 load16_as(const void *p, int64_t i, const int bf16) {
     return (f32x16)(__builtin_convertvector(h, u32x16) << 16);
 }
 
-/* Sum of the 16 lanes by halving in registers (a store and narrow reloads would stall on store forwarding). */
-INLINE float hsum16(f32x16 v) {
-    f32x8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-              __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-    f32x4 c = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-    return (c[0] + c[2]) + (c[1] + c[3]);
-}
 
-INLINE float dot(const float *a, const float *b, int64_t n) {
-    f32x16 acc = {0};
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) acc += load16(a + i) * load16(b + i);
-    float total = hsum16(acc);
-    for (; i < n; ++i) total += a[i] * b[i];
-    return total;
-}
 
 typedef int32_t i32x16 __attribute__((vector_size(64)));
 
