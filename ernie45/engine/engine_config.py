@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 DEFAULT_MAX_MODEL_LEN = 8192
 DEFAULT_KV_CACHE_MEMORY = 1 << 30
+STRUCTURED_OUTPUTS_BACKENDS = ("xgrammar",)
 
 
 @dataclass
@@ -39,6 +40,9 @@ class EngineConfig:
     """Share the KV of identical prompt prefixes (full blocks) between requests."""
     seed: int | None = 0
     """Seed of the engine's RNG, which seeds requests that bring no seed of their own."""
+    structured_outputs_backend: str = "xgrammar"
+    """Grammar library for structured output (JSON schema, regex, choice, grammar); vLLM's and FastDeploy's
+    default."""
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -48,6 +52,9 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        if self.structured_outputs_backend not in STRUCTURED_OUTPUTS_BACKENDS:
+            raise ValueError(f"structured_outputs_backend must be one of {', '.join(STRUCTURED_OUTPUTS_BACKENDS)}, "
+                             f"got {self.structured_outputs_backend!r}")
 
 
 def field_docs(cls) -> dict[str, str]:
@@ -75,7 +82,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
                                help=help_text)
         else:
-            group.add_argument(flag, dest=f.name, type=kind, default=f.default, metavar="N", help=help_text)
+            group.add_argument(flag, dest=f.name, type=kind, default=f.default, metavar="N" if kind is int else "NAME",
+                               help=help_text)
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:

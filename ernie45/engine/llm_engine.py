@@ -25,6 +25,7 @@ from .sampler import Sampler, SamplerOutput, SamplingRow
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .stop_checker import StopChecker
+from .structured_output import StructuredOutputManager
 
 
 class LLMEngine:
@@ -59,6 +60,8 @@ class LLMEngine:
         self.runner = ModelRunner(model, self.cache, self.block_manager.block_table)
         self.sampler = Sampler()
         self.eos_token_ids = set(stop_ids_for(tokenizer, model))
+        self.structured_outputs = StructuredOutputManager(tokenizer, mcfg.vocab_size, sorted(self.eos_token_ids),
+                                                          config.structured_outputs_backend)
         self._rng = random.Random(config.seed)
         self.inputs = InputProcessor(tokenizer, mcfg, self.max_model_len, getattr(model, "source_dir", None))
         self.outputs = OutputProcessor(tokenizer, self.max_model_len)
@@ -103,6 +106,7 @@ class LLMEngine:
                 prefix_parent=sequences[0] if sequences and self.config.enable_prefix_caching else None,
                 mm=mm,
             ))
+        self.structured_outputs.init_requests(sequences)
         group = RequestGroup(request_id, engine_prompt.prompt, ids, params, sequences, arrival)
         self.outputs.add(group)
         for seq in sequences:
@@ -138,6 +142,7 @@ class LLMEngine:
             "num_preemptions": self.scheduler.num_preemptions,
             "prompt_tokens_total": self.num_prompt_tokens_total,
             "generation_tokens_total": self.outputs.num_generation_tokens_total,
+            **self.structured_outputs.stats(),
         }
 
     # ------------------------------------------------------------------------------------------- step
@@ -166,9 +171,10 @@ class LLMEngine:
         return self.outputs.step_outputs(progressed)
 
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
+        bitmasks = self.structured_outputs.bitmasks(requests)
         return self.sampler(logits, [
             SamplingRow(params=r.params, prompt_token_ids=r.prompt_token_ids, output_token_ids=r.output_token_ids,
                         generator=r.generator, forced_token_id=r.forced_token_ids[0] if r.forced_token_ids else None,
-                        eos_token_ids=self.eos_token_ids)
-            for r in requests
+                        eos_token_ids=self.eos_token_ids, token_bitmask=bitmask)
+            for r, bitmask in zip(requests, bitmasks)
         ])

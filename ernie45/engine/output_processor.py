@@ -15,6 +15,7 @@ from .outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from .request import Request, RequestStatus
 from .sampler import prompt_logprobs
 from .sampling_params import SamplingParams
+from .structured_output import StructuredOutputManager, is_constrained
 
 _THINK_CLOSE_TEXT = "\n</think>\n\n"
 
@@ -86,6 +87,8 @@ class OutputProcessor:
     def on_token(self, request: Request, token: int, logprob: float, top_logprobs, now: float) -> RequestStatus | None:
         """The token was appended to `request.token_ids`: record it; returns the finished status if it ends the
         sequence."""
+        # Decided before the forced-token and thinking state move on: it must be what the step sampled under.
+        grammar_refused = is_constrained(request) and not StructuredOutputManager.accept(request, token)
         if request.forced_token_ids:
             request.forced_token_ids.pop(0)
         self.num_generation_tokens_total += 1
@@ -96,6 +99,9 @@ class OutputProcessor:
         request.cumulative_logprob += logprob
         self._update_thinking_budget(request, token)
         text, finish_reason = request.stop_checker.append(token)
+        if finish_reason is None and grammar_refused:
+            finish_reason = "stop"
+            text += request.stop_checker.finish("stop")
         if finish_reason is None and request.num_tokens >= self.max_model_len:
             finish_reason = "length"
             text += request.stop_checker.finish("length")

@@ -15,6 +15,7 @@ import torch
 from .multimodal import MultimodalInputs
 from .sampling_params import SamplingParams
 from .stop_checker import StopChecker
+from .structured_output.backend import RequestGrammar
 
 
 class RequestStatus(enum.Enum):
@@ -60,6 +61,8 @@ class Request:
     """For samples 2..n of a request: wait until sample 1 has computed (and cached) the shared prompt."""
     mm: MultimodalInputs | None = None
     """A VL prompt's images / videos (shared by the n samples: encoded once, on their first prefill chunk)."""
+    grammar: RequestGrammar | None = None
+    """The sequence's place in its structured-output grammar (None: unconstrained)."""
 
     status: RequestStatus = RequestStatus.WAITING
     token_ids: list[int] = field(init=False)

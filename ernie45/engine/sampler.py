@@ -1,6 +1,6 @@
 """`Sampler`: one next token for each running sequence, from the model's last-position logits.
 
-Order of the logits processors (HF / vLLM): logit_bias -> min_tokens -> repetition penalty -> presence and
+Order of the logits processors (HF / vLLM): grammar bitmask -> logit_bias -> min_tokens -> repetition penalty -> presence and
 frequency penalties -> temperature -> top_k -> top_p -> min_p -> draw. Greedy rows take the argmax after the
 penalties. Logprobs are those of the raw logits (vLLM's default `raw_logprobs`), so they do not depend on the
 sampling settings.
@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .sampling_params import SamplingParams
+from .structured_output.backend import apply_token_bitmask
 
 _NEG_INF = float("-inf")
 
@@ -40,6 +41,8 @@ class SamplingRow:
     """When set, the row's token is this one (e.g. closing a thinking block whose budget is spent)."""
     eos_token_ids: Collection[int] = ()
     """Ids that end the sequence: masked while fewer than min_tokens were generated, unless ignore_eos."""
+    token_bitmask: torch.Tensor | None = None
+    """int32 [ceil(V / 32)]: the tokens its grammar allows (bit v % 32 of word v // 32); None: unconstrained."""
 
 
 @dataclass
@@ -104,6 +107,7 @@ class Sampler:
         Greedy rows get bias, min_tokens and penalties only: their token is the argmax of this.
         """
         logits_SV = logits_SV.to(torch.float32, copy=True)
+        apply_grammar(logits_SV, rows)
         apply_logit_bias(logits_SV, rows)
         apply_min_tokens(logits_SV, rows)
         apply_penalties(logits_SV, rows)
@@ -170,9 +174,20 @@ class Sampler:
 def _needs_processing(row: SamplingRow) -> bool:
     """Whether any logits processor would change the row's logits (sampled rows always go through them)."""
     params = row.params
-    return (not params.greedy or bool(params.logit_bias) or len(row.output_token_ids) < params.min_tokens
+    return (not params.greedy or row.token_bitmask is not None or bool(params.logit_bias) or len(row.output_token_ids) < params.min_tokens
             or params.repetition_penalty != 1.0 or bool(params.presence_penalty)
             or bool(params.frequency_penalty))
+
+
+def apply_grammar(logits_SV: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    """-inf, in place, on the tokens each constrained row's grammar does not allow next."""
+    constrained = [i for i, row in enumerate(rows) if row.token_bitmask is not None]
+    if not constrained:
+        return
+    idx = torch.tensor(constrained, device=logits_SV.device)
+    logits_RV = logits_SV[idx]
+    apply_token_bitmask(logits_RV, torch.stack([rows[i].token_bitmask for i in constrained]))
+    logits_SV[idx] = logits_RV
 
 
 def apply_logit_bias(logits_SV: torch.Tensor, rows: Sequence[SamplingRow]) -> None:

@@ -11,6 +11,8 @@ import numbers
 from dataclasses import dataclass
 from typing import Any
 
+from .structured_output.params import StructuredOutputsParams
+
 # Temperatures below this are greedy (vLLM's _SAMPLING_EPS): dividing by them would only overflow the logits.
 _SAMPLING_EPS = 1e-5
 # vLLM's default max_logprobs and OpenAI's limit on top_logprobs.
@@ -96,6 +98,8 @@ class SamplingParams:
     """Leave special tokens out of the output text."""
     reasoning_max_tokens: int | None = None
     """Thinking budget: after this many tokens inside <think>, the engine forces the block closed."""
+    structured_outputs: StructuredOutputsParams | dict | None = None
+    """A constraint on the output (JSON schema, regex, choice, grammar, ...); a dict is read as its fields."""
 
     def __post_init__(self) -> None:
         self.n = _as_int("n", self.n)
@@ -159,6 +163,9 @@ class SamplingParams:
                     f"reasoning_max_tokens must be <= max_tokens, got reasoning_max_tokens="
                     f"{self.reasoning_max_tokens} and max_tokens={self.max_tokens}"
                 )
+
+        if self.structured_outputs is not None:
+            self.structured_outputs = StructuredOutputsParams.of(self.structured_outputs)
 
     @staticmethod
     def _checked_logit_bias(bias: Any) -> dict[int, float] | None:
