@@ -15,6 +15,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..models.registry import spec_for
 from ..quant.modules import apply_quantization_config
+from . import paddle_layout
 from .hf_layout import Target, place
 from .hub import resolve_model_path
 
@@ -52,8 +53,8 @@ def list_weight_files(directory: Path) -> dict[str, Path]:
     if not files:
         present = ", ".join(sorted(p.name for p in directory.iterdir())) or "nothing"
         raise FileNotFoundError(
-            f"{directory}: no model.safetensors or {INDEX_FILE} (found: {present}). ernie45 reads the HF safetensors "
-            f"layout of the `-PT` checkpoints; Paddle checkpoints (.pdparams) are not supported."
+            f"{directory}: no model.safetensors or {INDEX_FILE} (found: {present}). ernie45 reads safetensors "
+            f"checkpoints (the `-PT` layout and the `-Paddle` one); Paddle's .pdparams files are not supported."
         )
     names: dict[str, Path] = {}
     for file in files:
@@ -61,6 +62,19 @@ def list_weight_files(directory: Path) -> dict[str, Path]:
             for name in f.keys():
                 names[name] = file
     return names
+
+
+def read_shapes(weight_files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
+    """tensor name -> shape, from the safetensors headers (no tensor data is read)."""
+    by_file: dict[Path, list[str]] = defaultdict(list)
+    for name, file in weight_files.items():
+        by_file[file].append(name)
+    shapes = {}
+    for file, names in by_file.items():
+        with _open(file) as f:
+            for name in names:
+                shapes[name] = tuple(f.get_slice(name).get_shape())
+    return shapes
 
 
 def _open(file: Path):
@@ -89,27 +103,49 @@ def load_model(model: str | Path, dtype: str | torch.dtype | None = "auto", devi
     names in `models.registry` (`Ernie45ForCausalLM` for the text types, `Ernie45VLForConditionalGeneration` for
     `ernie4_5_vl_moe`)."""
     directory = resolve_model_path(model)
-    try:
-        spec = spec_for(read_model_type(directory))
-    except ValueError as exc:
-        raise ValueError(f"{directory / 'config.json'}: {exc}") from None
-    config = spec.config_class.from_file(directory)
-    torch_dtype = parse_dtype(dtype, config.extra)
+    model_type = read_model_type(directory)
+    if model_type is not None:
+        _spec(directory, model_type)  # an unsupported model_type is refused before the weights are listed
     weight_files = list_weight_files(directory)
-    net = build_empty_model(config, torch_dtype, spec.layout.count_mtp_layers(weight_files, config), device)
+    raw = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    paddle = paddle_layout.detect(directory / "config.json", raw, weight_files)
+    if paddle:  # the legacy Paddle layout: converted tensor by tensor while filling the model
+        model_type = paddle_layout.paddle_model_type(directory / "config.json", raw, weight_files)
+    spec = _spec(directory, model_type)
+    if paddle and spec.family != "text":
+        raise ValueError(f"{directory}: Paddle-layout checkpoints of {spec.family} models are not supported; convert "
+                         f"them to the transformers layout with ERNIE's tools/paddle2torch first")
+    if not paddle and spec.family == "text":
+        paddle_layout.check_known(weight_files, str(directory))
+    config = spec.config_class.from_dict({**raw, "model_type": model_type}, source=str(directory / "config.json")) \
+        if paddle else spec.config_class.from_file(directory)
+    torch_dtype = parse_dtype(dtype, config.extra)
+    num_mtp = (paddle_layout.count_mtp_layers if paddle else spec.layout.count_mtp_layers)(weight_files, config)
+    net = build_empty_model(config, torch_dtype, num_mtp, device)
     if "quantization_config" in config.extra:
-        if not spec.supports_quantized_checkpoints:
-            raise ValueError(f"{directory}: packed (quantization_config) checkpoints of {spec.family} models are not "
-                             f"supported; load the full-precision checkpoint")
+        if not spec.supports_quantized_checkpoints or paddle:
+            raise ValueError(f"{directory}: packed (quantization_config) checkpoints of {spec.family} models"
+                             f"{' in the Paddle layout' if paddle else ''} are not supported; load the full-precision "
+                             f"checkpoint")
         # Packed checkpoint: the quantized modules replace the dense ones before their tensors are read.
         net = apply_quantization_config(net, config.extra["quantization_config"])
     layout = spec.layout
+    if paddle:
+        layout = paddle_layout.PaddleLayout(dict(net.named_parameters()), config.tie_word_embeddings)
+        layout.check(read_shapes(weight_files), str(directory))
     fill_weights(net, directory, weight_files, lambda name: layout.targets_of(name, config),
                  lambda target, params: layout.skip(target, params, config))
     net.eval()
     net.source_dir = directory
     net.generation_config = _read_generation_config(directory)
     return net
+
+
+def _spec(directory: Path, model_type: str | None):
+    try:
+        return spec_for(model_type)
+    except ValueError as exc:
+        raise ValueError(f"{directory / 'config.json'}: {exc}") from None
 
 
 def read_model_type(directory: Path) -> str | None:
