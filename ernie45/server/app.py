@@ -27,6 +27,7 @@ from .protocol import (
     TokenizeRequest,
     VLChatCompletionRequest,
 )
+from .web_ui import mount_web_ui
 
 
 def _api_key_check(api_key: str | None):
@@ -44,8 +45,10 @@ def _api_key_check(api_key: str | None):
 
 def build_app(front: EngineClient, tokenizer, served_model_name: str, api_key: str | None = None,
               max_queue: int | None = None, model_root: str | None = None, max_images_per_prompt: int = 8,
-              max_videos_per_prompt: int = 2, allowed_local_media_path: str | None = None) -> FastAPI:
-    """An app serving `front`; its lifespan shuts the engine core down when the server stops."""
+              max_videos_per_prompt: int = 2, allowed_local_media_path: str | None = None,
+              web_ui: bool = True) -> FastAPI:
+    """An app serving `front`; its lifespan shuts the engine core down when the server stops. `web_ui`: the chat
+    page at GET / (web_ui.py)."""
     ctx = ServingContext(front, tokenizer, served_model_name, max_queue=max_queue, model_root=model_root,
                          max_images_per_prompt=max_images_per_prompt, max_videos_per_prompt=max_videos_per_prompt,
                          allowed_local_media_path=allowed_local_media_path)
@@ -121,4 +124,6 @@ def build_app(front: EngineClient, tokenizer, served_model_name: str, api_key: s
     async def metrics() -> Response:
         return Response(ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    if web_ui:
+        mount_web_ui(app, multimodal=front.model_info.is_multimodal)
     return app

@@ -38,6 +38,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch CPU threads of the engine core (default: torch's choice)")
     p.add_argument("--shutdown-timeout", type=float, default=5.0,
                    help="seconds in-flight requests get to finish after SIGINT/SIGTERM before they are aborted")
+    p.add_argument("--no-web-ui", dest="web_ui", action="store_false",
+                   help="do not serve the chat page at GET / (then / is a 404 like any unknown path)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_engine_arguments(p)
 
@@ -67,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         app = build_app(front, tokenizer, args.served_model_name or args.model or "ernie45",
                         api_key=args.api_key, max_queue=args.max_queue, model_root=model_root,
                         max_images_per_prompt=args.limit_images, max_videos_per_prompt=args.limit_videos,
-                        allowed_local_media_path=args.allowed_local_media_path)
+                        allowed_local_media_path=args.allowed_local_media_path, web_ui=args.web_ui)
         config = uvicorn.Config(
             app, host=args.host, port=args.port, log_level=args.log_level, access_log=False, log_config=None,
             timeout_graceful_shutdown=args.shutdown_timeout + _BACKSTOP_SECONDS,
