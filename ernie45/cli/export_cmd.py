@@ -1,33 +1,95 @@
-"""`ernie45 export`: a full checkpoint from base + LoRA adapter.
+"""`ernie45 export`: a model (optionally with a LoRA adapter merged) written as a full HF checkpoint, in the legacy
+Paddle layout, or as a llama.cpp GGUF file.
 
-    ernie45 export --merge-lora ADAPTER_DIR --output OUT [--base MODEL]
+    ernie45 export MODEL --format paddle --output OUT_DIR
+    ernie45 export MODEL --format gguf [--outtype f32|f16|bf16|q8_0|q4_0] --output OUT.gguf
+    ernie45 export --merge-lora ADAPTER_DIR --output OUT [--base MODEL] [--format hf|paddle|gguf]
     ernie45 export run_export.yaml [key=value ...]     # ERNIEKit style: output_dir's adapter -> output_dir/export
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+FORMATS = ("hf", "paddle", "gguf")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", nargs="?", default=None, help="ERNIEKit-style export YAML (model_name_or_path, output_dir)")
+    p.add_argument("config", nargs="?", default=None,
+                   help="model directory / hub id, or an ERNIEKit-style export YAML (model_name_or_path, output_dir)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the YAML (e.g. lora=True)")
     p.add_argument("--merge-lora", default=None, metavar="ADAPTER_DIR", help="PEFT adapter directory to merge")
-    p.add_argument("--output", default=None, help="directory of the merged HF checkpoint (with --merge-lora)")
+    p.add_argument("--output", default=None, help="output directory (hf, paddle) or .gguf file")
     p.add_argument("--base", default=None, help="base model (default: the adapter's base_model_name_or_path)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--format", default="hf", choices=FORMATS,
+                   help="hf: transformers layout; paddle: legacy Paddle layout; gguf: llama.cpp file")
+    p.add_argument("--outtype", default="f16", help="GGUF tensor type: f32, f16, bf16, q8_0 or q4_0 (default f16)")
+
+
+def _is_yaml(path: str) -> bool:
+    return Path(path).suffix in (".yaml", ".yml") and Path(path).is_file()
 
 
 def run(args: argparse.Namespace) -> int:
     from ..training.export import export_from_config, merge_adapter
 
-    if args.config is not None:
+    if args.config is not None and _is_yaml(args.config):
         if args.merge_lora:
             raise ValueError("export: give either a config file or --merge-lora, not both")
         out = export_from_config(args.config, args.overrides)
+        print(f"merged checkpoint written to {out}")
+        return 0
+    if not args.output:
+        raise ValueError("export: --output is required")
+    if args.merge_lora:
+        if args.config is not None:
+            raise ValueError("export: with --merge-lora give the base model as --base, not as a positional argument")
+        if args.format == "hf":
+            out = merge_adapter(args.merge_lora, args.output, args.base, args.dtype)
+            print(f"merged checkpoint written to {out}")
+            return 0
+        model = _merged_model(args.merge_lora, args.base, args.dtype)
     else:
-        if not args.merge_lora or not args.output:
-            raise ValueError("export: needs a config file, or --merge-lora ADAPTER_DIR --output OUT")
-        out = merge_adapter(args.merge_lora, args.output, args.base, args.dtype)
-    print(f"merged checkpoint written to {out}")
+        if args.config is None:
+            raise ValueError("export: needs a model (MODEL --format ...), a config file, or --merge-lora ADAPTER_DIR")
+        from ..checkpoint import load_model
+
+        model = load_model(args.config, dtype=args.dtype)
+    out = write(model, args.output, args.format, args.outtype)
+    print(f"{args.format} export written to {out}")
     return 0
+
+
+def _merged_model(adapter_dir: str, base: str | None, dtype: str):
+    import json
+
+    from ..checkpoint import load_model
+    from ..training.lora import ADAPTER_CONFIG, load_adapter, merge_lora
+
+    cfg_path = Path(adapter_dir) / ADAPTER_CONFIG
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{adapter_dir}: no {ADAPTER_CONFIG}; pass the directory of a LoRA adapter")
+    base = base or json.loads(cfg_path.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{cfg_path}: no base_model_name_or_path; pass the base model with --base")
+    model = load_model(base, dtype=dtype)
+    load_adapter(model, adapter_dir)
+    merge_lora(model)
+    return model
+
+
+def write(model, output: str, fmt: str, outtype: str) -> Path:
+    """`model` written to `output` in format `fmt` (hf, paddle, gguf)."""
+    if fmt == "hf":
+        from ..checkpoint import save_model
+
+        return save_model(model, output)
+    if fmt == "paddle":
+        from ..checkpoint.paddle_saver import save_paddle
+
+        return save_paddle(model, output)
+    from ..checkpoint.gguf_export import export_gguf
+
+    return export_gguf(model, output, outtype)

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..server import serve as server_cli
-from . import bench_cmd, chat_cmd, export_cmd, generate_cmd, plot_cmd, quantize_cmd, train_cmd
+from . import bench_cmd, chat_cmd, convert_cmd, export_cmd, generate_cmd, plot_cmd, quantize_cmd, train_cmd
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, module, help_text in (
         ("train", train_cmd, "train (PT / SFT / DPO, Full or LoRA) from an ERNIEKit-style YAML config"),
-        ("export", export_cmd, "merge a LoRA adapter into a full checkpoint"),
+        ("export", export_cmd, "write a model (LoRA merged) as an HF checkpoint, the Paddle layout or GGUF"),
+        ("convert", convert_cmd, "convert a checkpoint between the transformers (-PT) and Paddle layouts"),
         ("plot", plot_cmd, "plot the loss curves of a training run"),
         ("quantize", quantize_cmd, "weight-only int8/int4/2-bit quantization into a packed checkpoint"),
         ("bench", bench_cmd, "benchmark a server (serve) or the offline engine (throughput, latency), as vllm bench"),
