@@ -24,23 +24,16 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import random
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
+from ernie45.bench import SampleRequest, ServeTarget, cpu_description
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_serving import launched_server, run_level
-
-
-def cpu_description() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
-    flags = Path("/proc/cpuinfo").read_text()
-    isa = "AVX-512" if " avx512f" in flags else "AVX2" if " avx2" in flags else "baseline"
-    return f"{model}, {isa}, {os.cpu_count()} CPUs"
 
 
 def make_prompts(count: int, length: int, seed: int) -> list[list[int]]:
@@ -85,8 +78,10 @@ def run_server(args: argparse.Namespace, root: str | None) -> dict:
         server_args = server_args.replace(" --no-enable-prefix-caching", "")  # older trees lack the flag
     try:
         with launched_server(args.model, server_args) as url:
-            prompts = make_prompts(args.requests + 1, args.input_len, args.seed)
-            results, _ = asyncio.run(run_level(url, args.model, prompts, args.output_len, 1, None, args.seed, {}))
+            requests = [SampleRequest(p, len(p), args.output_len)
+                        for p in make_prompts(args.requests + 1, args.input_len, args.seed)]
+            target = ServeTarget(url, args.model, ignore_eos=True)  # greedy, exactly --output-len tokens
+            results, _ = asyncio.run(run_level(target, requests, 1, None, args.seed))
             results = results[1:]  # the first one warms up at full length, as offline
     finally:
         if root:
@@ -97,8 +92,7 @@ def run_server(args: argparse.Namespace, root: str | None) -> dict:
     bad = [r.error for r in results if not r.ok]
     if bad:
         raise SystemExit(f"server requests failed: {bad[:3]}")
-    return {"ttft": [r.ttft for r in results],
-            "tpot": [(r.e2el - r.ttft) / max(1, r.output_tokens - 1) for r in results]}
+    return {"ttft": [r.ttft for r in results], "tpot": [r.tpot for r in results]}
 
 
 def main() -> None:

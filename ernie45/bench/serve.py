@@ -77,14 +77,17 @@ def served_model(base_url: str, api_key: str | None = None, timeout: float = 30.
 
 
 def _chunk_text(chunk: dict, chat: bool) -> str | None:
-    """The text a streamed chunk carries, or None when it carries no token (role-only, usage, keep-alive)."""
-    for choice in chunk.get("choices") or []:
-        if chat:
-            delta = choice.get("delta") or {}
-            text = (delta.get("content") or "") + (delta.get("reasoning_content") or "")
-        else:
-            text = choice.get("text") or ""
-        # vLLM's `return_token_ids` extension: a token counts as arrived even when it decodes to no text yet
+    """The text a streamed chunk carries, or None when it carries no token. Completions: every chunk with a choice
+    is a step's token, its text possibly empty (a byte of a character still incomplete), as vLLM counts them.
+    Chat: the first chunk carries only the role, before any token, so a chunk counts when its delta has text."""
+    choices = chunk.get("choices") or []
+    if not choices:
+        return None  # the usage chunk
+    if not chat:
+        return "".join(c.get("text") or "" for c in choices)
+    for choice in choices:
+        delta = choice.get("delta") or {}
+        text = (delta.get("content") or "") + (delta.get("reasoning_content") or "")
         if text or choice.get("token_ids"):
             return text
     return None
