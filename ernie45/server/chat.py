@@ -22,6 +22,7 @@ from .logprobs import chat_logprobs
 from .middleware import RequestInfo
 from .protocol import ChatCompletionRequest
 from .streaming import DONE, SSEResponse, sse, unless_disconnected
+from .structured_outputs import structured_outputs_of
 
 
 async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest, info: RequestInfo,
@@ -39,6 +40,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     params = ctx.sampling_params(
         req, max_tokens=max_tokens, reasoning_max_tokens=req.reasoning_max_tokens,
         logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+        structured_outputs=structured_outputs_of(req, req.tools, req.tool_choice, req.parallel_tool_calls),
     )
     ctx.check_context_length(len(prompt_ids), max_tokens, "messages")
     starts_in_reasoning = ctx.parser.prompt_ends_in_reasoning(prompt)
@@ -78,10 +80,14 @@ def _response(ctx: ServingContext, req: ChatCompletionRequest, info: RequestInfo
         calls = []
         if tool_calls.tool_parsing_enabled(req.tools, req.tool_choice):
             content, calls = tool_calls.parse(content)
+        # OpenAI / vLLM: reasoning_content is null when there was no reasoning; tool_calls only when there are calls.
+        message = {"role": "assistant", "content": None if calls and not content.strip() else content,
+                   "reasoning_content": reasoning or None}
+        if calls:
+            message["tool_calls"] = [tool_calls.strip_index(c) for c in calls]
         choice = {
             "index": completion.index,
-            "message": {"role": "assistant", "content": None if calls and not content.strip() else content,
-                        "reasoning_content": reasoning, "tool_calls": [tool_calls.strip_index(c) for c in calls]},
+            "message": message,
             "logprobs": ({"content": chat_logprobs(completion.logprobs or [], ctx.token_text)}
                          if req.logprobs else None),
             "finish_reason": _finish_reason(completion.finish_reason, calls),

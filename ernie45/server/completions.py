@@ -17,6 +17,7 @@ from .logprobs import legacy_logprobs
 from .middleware import RequestInfo
 from .protocol import CompletionRequest
 from .streaming import DONE, SSEResponse, merge, sse, unless_disconnected
+from .structured_outputs import structured_outputs_of
 
 
 def _prompts(req: CompletionRequest) -> list:
@@ -41,7 +42,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, info: R
     if req.best_of is not None and req.best_of != req.n:
         raise bad_request("best_of is not supported (it must be unset or equal to n)", param="best_of")
     prompts = [ctx.validate_prompt(p) for p in _prompts(req)]
-    fields = {"logprobs": req.logprobs}
+    fields = {"logprobs": req.logprobs, "structured_outputs": structured_outputs_of(req)}
     if req.echo and req.logprobs is not None:
         fields["prompt_logprobs"] = req.logprobs
     params = ctx.sampling_params(req, **fields)

@@ -101,6 +101,16 @@ class SamplingFields(_Request):
     skip_special_tokens: Bool | None = None
     return_token_ids: Bool | None = None
     """Add `prompt_token_ids` to the response and `token_ids` to each choice (vLLM's field names)."""
+    # Output constraints (structured_outputs.py reads them; a request gives at most one).
+    response_format: dict[str, Any] | None = None
+    """OpenAI: {"type": "text" | "json_object" | "json_schema" (+ "json_schema": {name, schema, strict})}."""
+    structured_outputs: dict[str, Any] | None = None
+    """vLLM: {"json" | "regex" | "choice" | "grammar" | "json_object" | "structural_tag": ...}."""
+    guided_json: dict[str, Any] | Str | None = None
+    """FastDeploy / vLLM < 0.12: a JSON schema the output follows."""
+    guided_regex: Str | None = None
+    guided_choice: list[Str] | None = None
+    guided_grammar: Str | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -169,8 +179,11 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: Int | None = None
     tools: list[dict[str, Any]] | None = None
     """Passed to the chat template; `<tool_call>` blocks in the output come back as `tool_calls`."""
-    tool_choice: Literal["none", "auto"] | dict[str, Any] | None = None
-    """"none": the output is not parsed for calls; "auto" (the default with tools) and a named function: it is."""
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    """"none": no calls parsed; "auto" (the default with tools): the model decides; "required" or a named function
+    ({"type": "function", "function": {"name": ...}}): the output is constrained to valid calls."""
+    parallel_tool_calls: Bool | None = None
+    """With a forced tool_choice, allow several calls in one answer (OpenAI's default: true)."""
     chat_template_kwargs: dict[str, Any] | None = None
     """Template variables, e.g. {"enable_thinking": true}."""
     add_generation_prompt: Bool = True

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-
 from typing import TYPE_CHECKING
 
 import torch

@@ -15,13 +15,24 @@ import torch
 from .backend import GrammarBackend, RequestGrammar
 from .params import StructuredOutputsParams
 
-# Between two JSON tokens, at most this many whitespace characters: enough for any pretty-printing, and it stops
-# the one failure small models show under an any-whitespace grammar (spaces until max_tokens).
-MAX_JSON_WHITESPACE = 32
+# Between two JSON tokens, at most this many whitespace characters: a newline plus the indent of depth 4 at 2
+# spaces or depth 2 at 4 (deeper pretty-printing is folded, still valid JSON). Without a bound, a weak or uncertain
+# model can spend max_tokens on whitespace, the known failure of an any-whitespace grammar; disable_any_whitespace
+# removes optional whitespace altogether.
+MAX_JSON_WHITESPACE = 10
 # Compiled grammars kept (a typical schema's grammar is tens of KB with its token-mask cache).
 GRAMMAR_CACHE_SIZE = 256
 
 _CPP_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")
+# xgrammar 0.2.9's JSON string characters, as it prints them, and what JSON allows unescaped instead. Bounded
+# strings (minLength / maxLength) admit raw control characters (U+0000-U+001F, tab included) and every string
+# admits UTF-8-encoded surrogates (ED A0..BF xx): invalid JSON / invalid UTF-8 that parsers reject (the output shows
+# U+FFFD). Escapes stay out of bounded strings: stricter, still valid.
+_JSON_STRING_CHARS = '[^\\"\\\\\\0-\\x1f\\uD800-\\uDFFF]'
+_STRING_CHAR_FIXES = {
+    '[^\\"\\\\\\r\\n]': _JSON_STRING_CHARS,
+    '[^\\0-\\x1f\\"\\\\\\r\\n]': _JSON_STRING_CHARS,
+}
 
 
 def _xgrammar():
@@ -42,8 +53,21 @@ def _choice_ebnf(choices: list[str]) -> str:
     return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
 
 
+def _json_safe(grammar):
+    """The grammar with xgrammar's JSON string character classes fixed (see _STRING_CHAR_FIXES)."""
+    text = fixed = str(grammar)
+    for wrong, right in _STRING_CHAR_FIXES.items():
+        fixed = fixed.replace(wrong, right)
+    return grammar if fixed == text else _xgrammar().Grammar.from_ebnf(fixed)
+
+
 def _grammar(params: StructuredOutputsParams):
     """The tokenizer-free xgrammar.Grammar of a constraint."""
+    grammar = _unchecked_grammar(params)
+    return _json_safe(grammar) if params.kind in ("json", "json_object", "structural_tag") else grammar
+
+
+def _unchecked_grammar(params: StructuredOutputsParams):
     xgr = _xgrammar()
     if params.kind == "json":
         return xgr.Grammar.from_json_schema(
