@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import re
+import time
+from contextlib import ExitStack
 
 import httpx
 import pytest
@@ -25,8 +27,9 @@ LAST_REPLY = ".message.assistant:last-of-type"
 
 @pytest.fixture(scope="module")
 def web_server(tmp_path_factory):
+    # one sequence at a time and a queue of one, so two held requests make the next a 429
     proc = ServerProcess(DEFAULT_MODEL_DIR, tmp_path_factory.mktemp("logs") / "web_ui.log", "--api-key", API_KEY,
-                         "--seed", "0")
+                         "--seed", "0", "--max-num-seqs", "1", "--max-queue", "1")
     yield proc
     assert proc.stop() == 0, proc.log()[-3000:]
     assert "Traceback" not in proc.log(), proc.log()[-5000:]
@@ -222,3 +225,34 @@ def test_api_errors_are_shown_as_messages(page, web_server):
     send(page, "Hello again")
     assert page.text_content("#settings-error").startswith("Extra request fields: ")
     assert page.locator(".message").count() == count
+
+
+def wait_for(web_server, condition) -> dict:
+    for _ in range(400):
+        m = web_server.metrics()
+        if condition(m):
+            return m
+        time.sleep(0.05)
+    raise AssertionError(f"the server's metrics never met the condition: {m}")
+
+
+def test_a_full_queue_429_is_shown_with_a_hint(page, web_server):
+    long = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "Go on."}], "max_tokens": 3000,
+            "ignore_eos": True, "stream": True}
+    configure(page, max_tokens="8")
+    with ExitStack() as held:  # two streams held open: one running, one queued behind it
+        client = held.enter_context(httpx.Client(base_url=web_server.url, timeout=60,
+                                                 headers={"Authorization": f"Bearer {API_KEY}"}))
+        first = held.enter_context(client.stream("POST", "/v1/chat/completions", json=long))
+        assert first.status_code == 200
+        wait_for(web_server, lambda m: m["ernie45:num_requests_running"] == 1)
+        second = held.enter_context(client.stream("POST", "/v1/chat/completions", json=long))
+        assert second.status_code == 200
+        wait_for(web_server, lambda m: m["ernie45:num_requests_queued"] == 1)
+        send(page, "Hello")
+        assert wait_finished(page) == "error"
+    error = page.text_content(f"{LAST_REPLY} .error")
+    assert error.startswith("Error 429: rate_limit_error, queue_full: the server is busy"), error
+    assert error.endswith("(the server's queue is full; try again in a moment)")
+    after = web_server.wait_idle(timeout=30)  # both held requests were aborted when their connections closed
+    assert after["ernie45:num_free_kv_blocks"] == after["ernie45:num_kv_blocks"]
