@@ -88,7 +88,11 @@ class OutputProcessor:
         """The token was appended to `request.token_ids`: record it; returns the finished status if it ends the
         sequence."""
         # Decided before the forced-token and thinking state move on: it must be what the step sampled under.
-        grammar_refused = is_constrained(request) and not StructuredOutputManager.accept(request, token)
+        grammar_done = False
+        if is_constrained(request):
+            # A refused token (every token was masked) or a grammar that took its stop token ends the sequence,
+            # ignore_eos or not: nothing may follow a complete constrained output.
+            grammar_done = not StructuredOutputManager.accept(request, token) or request.grammar.is_terminated()
         if request.forced_token_ids:
             request.forced_token_ids.pop(0)
         self.num_generation_tokens_total += 1
@@ -99,7 +103,7 @@ class OutputProcessor:
         request.cumulative_logprob += logprob
         self._update_thinking_budget(request, token)
         text, finish_reason = request.stop_checker.append(token)
-        if finish_reason is None and grammar_refused:
+        if finish_reason is None and grammar_done:
             finish_reason = "stop"
             text += request.stop_checker.finish("stop")
         if finish_reason is None and request.num_tokens >= self.max_model_len:
