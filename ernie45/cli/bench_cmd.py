@@ -212,7 +212,11 @@ def _run_serve(args: argparse.Namespace) -> int:
         tokenizer = load_tokenizer(args.tokenizer)
     else:
         tokenizer = ServerTokenizer(base_url, model, target.headers)
-    requests = _requests(args, tokenizer, as_text=target.chat)
+    try:
+        requests = _requests(args, tokenizer, as_text=target.chat)
+    finally:
+        if isinstance(tokenizer, ServerTokenizer):
+            tokenizer.close()
     print(f"bench serve: {len(requests)} requests to {base_url}{args.endpoint} (model {model}), request rate "
           f"{args.request_rate}, max concurrency {args.max_concurrency}", file=sys.stderr)
     if args.num_warmups:

@@ -225,6 +225,7 @@ def test_api_errors_are_shown_as_messages(page, web_server):
     send(page, "Hello again")
     assert page.text_content("#settings-error").startswith("Extra request fields: ")
     assert page.locator(".message").count() == count
+    assert page.input_value("#prompt") == "Hello again"  # kept for the next try
 
 
 def wait_for(web_server, condition) -> dict:

@@ -182,7 +182,10 @@ async function* sseData(response) {
 
 async function send(text) {
   if (!state.model) await loadModel();
-  if (!state.model) return;
+  if (!state.model) {
+    els.prompt.value = text; // nothing was sent: keep what the user wrote (the status line says why)
+    return;
+  }
   let body;
   const user = { role: "user", content: text, images: state.pendingImages.slice() };
   state.messages.push(user);
@@ -190,6 +193,7 @@ async function send(text) {
     body = requestBody();
   } catch (err) {
     state.messages.pop();
+    els.prompt.value = text;
     els.settingsError.textContent = `Extra request fields: ${err.message}`;
     setSettingsOpen(true);
     return;
