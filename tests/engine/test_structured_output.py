@@ -235,4 +235,5 @@ def test_sampled_n_sequences_each_follow_the_schema_and_thinking_stays_free(dens
     for completion in final.outputs:
         assert completion.finish_reason == "stop", completion
         reasoning, answer = completion.text.split("</think>", 1)
+        assert reasoning.strip(), "the thinking block was generated freely before the answer"
         jsonschema.validate(json.loads(answer), SCHEMA)
