@@ -34,7 +34,7 @@ def _read_torch(directory: Path) -> dict[str, torch.Tensor]:
     out = {}
     for file in sorted(directory.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
+            out.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118 (safe_open is not iterable)
     return out
 
 
@@ -90,7 +90,7 @@ def paddle_to_torch(paddle_dir: Path) -> dict[str, np.ndarray]:
     out = {}
     for file in sorted(paddle_dir.glob("*.safetensors")):
         with safe_open(str(file), framework="np") as f:
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118
                 tensor = f.get_tensor(key)
                 dest = key.replace("ernie.", "model.")
                 if "qkv_proj" in key:

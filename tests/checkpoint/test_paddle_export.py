@@ -60,7 +60,7 @@ def test_convert_both_ways(tmp_path):
 
 
 def test_sharded_paddle_export_loads_back(tmp_path):
-    hf, paddle = paddle_checkpoint(tmp_path, "moe_shared2_untied")
+    _hf, paddle = paddle_checkpoint(tmp_path, "moe_shared2_untied")
     model = ernie45.load_model(paddle)
     save_paddle(model, tmp_path / "sharded", max_shard_bytes=8192)
     index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())

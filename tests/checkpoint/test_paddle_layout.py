@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.numpy import load_file as load_np, save_file as save_np
+from safetensors.numpy import load_file as load_np
+from safetensors.numpy import save_file as save_np
 
 import ernie45
 from ernie45.checkpoint import build_empty_model
@@ -24,9 +25,9 @@ from ..models.hf_reference import build_hf_model
 from .paddle_reference import torch_to_paddle
 
 CASES = {
-    "dense_bias_untied": (False, dict(use_bias=True, tie_word_embeddings=False)),
-    "moe_shared2_untied": (True, dict(moe_num_shared_experts=2, tie_word_embeddings=False)),
-    "moe_tied_interval2": (True, dict(moe_layer_interval=2, num_hidden_layers=4)),
+    "dense_bias_untied": (False, {"use_bias": True, "tie_word_embeddings": False}),
+    "moe_shared2_untied": (True, {"moe_num_shared_experts": 2, "tie_word_embeddings": False}),
+    "moe_tied_interval2": (True, {"moe_layer_interval": 2, "num_hidden_layers": 4}),
 }
 
 
@@ -77,7 +78,7 @@ def test_paddle_mtp_weights_load(tmp_path):
     path = torch_to_paddle(tmp_path / "hf", tmp_path / "paddle")
     with safe_open(str(path / "model.safetensors"), framework="np") as f:
         assert f.get_slice("ernie.mtp_linear_proj.0.weight").get_shape() == [2 * 32, 32]  # [in, out]
-        assert "ernie.mtp_block.0.self_attn.qkv_proj.weight" in f.keys()
+        assert "ernie.mtp_block.0.self_attn.qkv_proj.weight" in f.keys()  # noqa: SIM118
     ours, reference = ernie45.load_model(path), ernie45.load_model(tmp_path / "hf")
     assert ours.model.num_mtp_layers == reference.model.num_mtp_layers == 1
     ids = torch.arange(3, 15)[None]
@@ -89,7 +90,7 @@ def test_paddle_mtp_weights_load(tmp_path):
 
 
 def test_paddle_bf16_stored_as_uint16(tmp_path):
-    hf, path = paddle_checkpoint(tmp_path, "moe_shared2_untied", dtype=torch.bfloat16)
+    _hf, path = paddle_checkpoint(tmp_path, "moe_shared2_untied", dtype=torch.bfloat16)
     with safe_open(str(path / "model.safetensors"), framework="np") as f:
         assert f.get_tensor("ernie.layers.0.self_attn.qkv_proj.weight").dtype == np.uint16
         assert f.get_tensor("ernie.layers.1.mlp.gate.weight").dtype == np.float32
