@@ -14,8 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-import httpx
-
 
 class Tokenizer(Protocol):
     def encode(self, text: str) -> list[int]: ...
@@ -36,13 +34,16 @@ class ServerTokenizer:
     """The server's /tokenize and /detokenize as a Tokenizer, so a remote benchmark needs no local files."""
 
     def __init__(self, base_url: str, model: str, headers: dict[str, str] | None = None, timeout: float = 60.0):
+        import httpx  # the serving client's dependency; the offline benchmarks never need it
+
+        self._errors = httpx.HTTPError
         self._client = httpx.Client(base_url=base_url, headers=headers or {}, timeout=timeout)
         self._model = model
 
     def _post(self, path: str, body: dict) -> dict:
         try:
             response = self._client.post(path, json={"model": self._model, **body})
-        except httpx.HTTPError as exc:
+        except self._errors as exc:
             raise ConnectionError(f"{self._client.base_url}{path}: {type(exc).__name__}: {exc}") from None
         if response.status_code != 200:
             raise ConnectionError(f"{self._client.base_url}{path} answered {response.status_code}: "

@@ -82,9 +82,9 @@ def compute_metrics(results: list[RequestResult], duration: float,
     }
 
 
-def format_summary(metrics: dict, percentiles: tuple[float, ...] = (99.0,), title: str = "Serving Benchmark Result"
-                   ) -> str:
-    """The block `vllm bench serve` prints at the end, same labels."""
+def format_summary(metrics: dict, percentiles: tuple[float, ...] = (99.0,), names: tuple[str, ...] = METRIC_NAMES,
+                   title: str = "Serving Benchmark Result") -> str:
+    """The block `vllm bench serve` prints at the end, same labels; `names`: which latencies it lists."""
     width = 50
     lines = [f"{' ' + title + ' ':=^{width}}"]
 
@@ -103,7 +103,7 @@ def format_summary(metrics: dict, percentiles: tuple[float, ...] = (99.0,), titl
     row("Total token throughput (tok/s):", metrics["total_token_throughput"], ".2f")
     headings = {"ttft": "Time to First Token", "tpot": "Time per Output Token (excl. 1st token)",
                 "itl": "Inter-token Latency", "e2el": "End-to-end Latency"}
-    for name in METRIC_NAMES:
+    for name in names:
         lines.append(f"{headings[name]:-^{width}}")
         row(f"Mean {name.upper()} (ms):", metrics[f"mean_{name}_ms"], ".2f")
         row(f"Median {name.upper()} (ms):", metrics[f"median_{name}_ms"], ".2f")

@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..bench.metrics import METRIC_NAMES
 from ..engine.engine_config import add_engine_arguments, engine_config_from_args
 
 
@@ -58,6 +59,17 @@ def _percentiles(text: str) -> tuple[float, ...]:
     return values
 
 
+_BACKEND_ENDPOINTS = {"openai": "/v1/completions", "vllm": "/v1/completions", "openai-chat": "/v1/chat/completions"}
+
+
+def _metric_names(text: str) -> tuple[str, ...]:
+    names = tuple(x.strip() for x in text.split(",") if x.strip())
+    unknown = [n for n in names if n not in METRIC_NAMES]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"expected some of {','.join(METRIC_NAMES)}, got {text!r}")
+    return names
+
+
 def _add_dataset_arguments(p: argparse.ArgumentParser, default_prompts: int, seed: bool = True) -> None:
     """seed=False where the engine's --seed (EngineConfig) is already a flag: one seed for both."""
     p.add_argument("--dataset-name", default="random", choices=["random", "sharegpt"])
@@ -80,8 +92,11 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-url", default=None, help="the server, e.g. http://127.0.0.1:8000 (default: --host/--port)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--endpoint", default="/v1/completions",
-                   help="/v1/completions (token-id prompts, exact lengths) or /v1/chat/completions")
+    p.add_argument("--backend", default="openai", choices=sorted(_BACKEND_ENDPOINTS),
+                   help="vLLM's names: openai / vllm stream /v1/completions, openai-chat /v1/chat/completions")
+    p.add_argument("--endpoint", default=None,
+                   help="/v1/completions (token-id prompts, exact lengths) or /v1/chat/completions (default: the "
+                        "backend's)")
     p.add_argument("--model", default=None, help="the `model` field (default: the first model /v1/models lists)")
     p.add_argument("--tokenizer", default=None,
                    help="a local tokenizer directory for counting tokens (default: the server's /tokenize)")
@@ -99,6 +114,8 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-warmups", type=_non_negative_int, default=0,
                    help="requests sent (one at a time) before the measured ones, not counted")
     p.add_argument("--metric-percentiles", type=_percentiles, default=(99.0,), help='e.g. "50,90,99"')
+    p.add_argument("--percentile-metrics", type=_metric_names, default=METRIC_NAMES,
+                   help='which of ttft,tpot,itl,e2el the summary prints (the JSON has all; default: all)')
     p.add_argument("--result-file", default=None, help="write the JSON result here")
     p.add_argument("--save-result", action="store_true",
                    help="vLLM's spelling: write the JSON result to --result-dir/--result-filename")
@@ -191,12 +208,16 @@ def _result_path(args: argparse.Namespace, model: str) -> Path | None:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
+    try:
+        from ..bench.serve import ServeTarget, result_record, run_requests, served_model
+    except ImportError as exc:
+        raise SystemExit(f"error: ernie45 bench serve needs {exc.name}: pip install 'ernie45[serve]' httpx") from None
     from ..bench import machine
     from ..bench.datasets import ServerTokenizer
     from ..bench.metrics import compute_metrics, format_summary
-    from ..bench.serve import ServeTarget, result_record, run_requests, served_model
 
     _check_dataset_arguments(args)
+    args.endpoint = args.endpoint or _BACKEND_ENDPOINTS[args.backend]
     if not args.endpoint.startswith("/"):
         raise UsageError(f"--endpoint must be a path such as /v1/completions, got {args.endpoint!r}")
     base_url = (args.base_url or f"http://{args.host}:{args.port}").rstrip("/")
@@ -225,7 +246,8 @@ def _run_serve(args: argparse.Namespace) -> int:
         target, requests, args.request_rate, args.burstiness, args.max_concurrency, args.seed,
         progress=not args.disable_tqdm))
     metrics = compute_metrics(results, duration, args.metric_percentiles)
-    print(format_summary({**metrics, "max_concurrency": args.max_concurrency}, args.metric_percentiles))
+    print(format_summary({**metrics, "max_concurrency": args.max_concurrency}, args.metric_percentiles,
+                         args.percentile_metrics))
     for error in [r.error for r in results if not r.ok][:3]:
         print(f"failed request: {error}", file=sys.stderr)
     path = _result_path(args, model)

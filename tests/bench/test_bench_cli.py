@@ -30,6 +30,8 @@ def exit_code(argv: list[str]) -> int:
     (["serve", "--metric-percentiles", "abc"], "expected comma-separated numbers"),
     (["serve", "--base-url", "127.0.0.1:8000"], "--base-url must start with http://"),
     (["serve", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["serve", "--backend", "tgi"], "invalid choice: 'tgi'"),
+    (["serve", "--percentile-metrics", "ttft,latency"], "expected some of ttft,tpot,itl,e2el"),
     (["throughput", "--num-prompts", "-5"], "argument --num-prompts: must be >= 1"),
     (["latency", "--batch-size", "0"], "argument --batch-size: must be >= 1"),
     (["latency", "--num-iters-warmup", "-1"], "argument --num-iters-warmup: must be >= 0"),

@@ -85,7 +85,7 @@ def test_sharegpt_jsonl_on_chat_with_poisson_arrivals(server, tmp_path):
                 {"from": "human", "value": question}, {"from": "gpt", "value": "An answer of a few words here."}]})
                 + "\n")
     before = counters(server)
-    result = bench_serve(server, tmp_path, "--endpoint", "/v1/chat/completions", "--dataset-name", "sharegpt",
+    result = bench_serve(server, tmp_path, "--backend", "openai-chat", "--dataset-name", "sharegpt",
                          "--dataset-path", str(dataset), "--num-prompts", "4", "--request-rate", "20",
                          "--metric-percentiles", "50,90")
     after = counters(server)
@@ -93,7 +93,8 @@ def test_sharegpt_jsonl_on_chat_with_poisson_arrivals(server, tmp_path):
     # chat prompts count the template's tokens too: the server's usage is what the benchmark reports
     assert result["total_input_tokens"] == after["prompt"] - before["prompt"]
     assert result["total_output_tokens"] == after["output"] - before["output"] > 0
-    assert result["backend"] == "openai-chat" and result["request_rate"] == 20
+    assert result["backend"] == "openai-chat" and result["endpoint"] == "/v1/chat/completions"
+    assert result["request_rate"] == 20
     assert "p90_ttft_ms" in result and "p99_ttft_ms" not in result
 
 
