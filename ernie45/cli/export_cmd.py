@@ -46,7 +46,9 @@ def run(args: argparse.Namespace) -> int:
     if args.merge_lora:
         if args.config is not None:
             raise ValueError("export: with --merge-lora give the base model as --base, not as a positional argument")
-        if args.format == "hf":
+        from ..checkpoint.erniekit_lora import is_erniekit_adapter
+
+        if args.format == "hf" and not is_erniekit_adapter(args.merge_lora):
             out = merge_adapter(args.merge_lora, args.output, args.base, args.dtype)
             print(f"merged checkpoint written to {out}")
             return 0
@@ -63,19 +65,23 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _merged_model(adapter_dir: str, base: str | None, dtype: str):
+    """Base + adapter folded in: a PEFT adapter (adapter_config.json) or an ERNIEKit one (lora_config.json)."""
     import json
 
     from ..checkpoint import load_model
+    from ..checkpoint.erniekit_lora import LORA_CONFIG, is_erniekit_adapter, load_erniekit_adapter
     from ..training.lora import ADAPTER_CONFIG, load_adapter, merge_lora
 
-    cfg_path = Path(adapter_dir) / ADAPTER_CONFIG
+    erniekit = is_erniekit_adapter(adapter_dir)
+    cfg_path = Path(adapter_dir) / (LORA_CONFIG if erniekit else ADAPTER_CONFIG)
     if not cfg_path.is_file():
-        raise FileNotFoundError(f"{adapter_dir}: no {ADAPTER_CONFIG}; pass the directory of a LoRA adapter")
+        raise FileNotFoundError(f"{adapter_dir}: no {ADAPTER_CONFIG} (PEFT) or {LORA_CONFIG} (ERNIEKit); pass the "
+                                f"directory of a LoRA adapter")
     base = base or json.loads(cfg_path.read_text(encoding="utf-8")).get("base_model_name_or_path")
     if not base:
         raise ValueError(f"{cfg_path}: no base_model_name_or_path; pass the base model with --base")
     model = load_model(base, dtype=dtype)
-    load_adapter(model, adapter_dir)
+    (load_erniekit_adapter if erniekit else load_adapter)(model, adapter_dir)
     merge_lora(model)
     return model
 
