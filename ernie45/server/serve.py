@@ -70,6 +70,9 @@ def run(args: argparse.Namespace) -> int:
                         api_key=args.api_key, max_queue=args.max_queue, model_root=model_root,
                         max_images_per_prompt=args.limit_images, max_videos_per_prompt=args.limit_videos,
                         allowed_local_media_path=args.allowed_local_media_path, web_ui=args.web_ui)
+        if args.web_ui:
+            logging.getLogger("ernie45.server").info("chat page: http://%s:%d/ (--no-web-ui turns it off)",
+                                                     args.host, args.port)
         config = uvicorn.Config(
             app, host=args.host, port=args.port, log_level=args.log_level, access_log=False, log_config=None,
             timeout_graceful_shutdown=args.shutdown_timeout + _BACKSTOP_SECONDS,

@@ -102,3 +102,5 @@ def test_no_web_ui_leaves_root_a_404(server):
     response = httpx.get(server.url + "/")
     assert response.status_code == 404
     assert response.json()["error"]["message"] == "no route GET /"
+    assert httpx.get(server.url + "/web/app.js").status_code == 404
+    assert "chat page:" not in server.log()

@@ -102,6 +102,7 @@ def test_page_and_assets_need_no_key_but_the_api_does(web_server):
     assert httpx.get(web_server.url + "/web/../app.py").status_code == 404
     assert httpx.get(web_server.url + "/web/nothing.js").status_code == 404
     assert httpx.get(web_server.url + "/v1/models").status_code == 401
+    assert f"chat page: {web_server.url}/ (--no-web-ui turns it off)" in web_server.log()
 
 
 def test_page_keeps_to_its_own_csp(browser, web_server):
