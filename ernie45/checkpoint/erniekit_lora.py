@@ -103,7 +103,8 @@ def _pairs(tensors: dict[str, torch.Tensor], where: Path) -> dict[str, dict[str,
         pairs[m.group(1)][m.group(2)] = t
     for module, pair in pairs.items():
         if set(pair) != {"lora_A", "lora_B"}:
-            raise ValueError(f"{where}: module ernie.{module} has {', '.join(sorted(pair))} but not both lora_A, lora_B")
+            raise ValueError(f"{where}: module ernie.{module} has {', '.join(sorted(pair))} but not both "
+                             f"lora_A, lora_B")
         if pair["lora_A"].dim() != 2 or pair["lora_B"].dim() != 2 or pair["lora_A"].shape[1] != pair["lora_B"].shape[0]:
             raise ValueError(f"{where}: ernie.{module}: lora_A {tuple(pair['lora_A'].shape)} and lora_B "
                              f"{tuple(pair['lora_B'].shape)} are not [in, r] and [r, out]")
@@ -137,7 +138,8 @@ def load_erniekit_adapter(model: torch.nn.Module, adapter_dir: str | Path) -> di
                        for m in experts})
     for m, pair in pairs.items():
         if pair["lora_A"].shape[1] != r:
-            raise ValueError(f"{adapter_dir}: ernie.{m}.lora_A has rank {pair['lora_A'].shape[1]}, lora_config.json r={r}")
+            raise ValueError(f"{adapter_dir}: ernie.{m}.lora_A has rank {pair['lora_A'].shape[1]}, "
+                             f"lora_config.json r={r}")
     apply_lora(model, targets, r, scaling * r, 0.0)  # LoraLinear's scaling is alpha / r
     modules = dict(model.named_modules())
     with torch.no_grad():

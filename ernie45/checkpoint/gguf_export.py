@@ -107,7 +107,8 @@ def gguf_tensors(model) -> list[GGUFTensor]:
         out += [GGUFTensor(f"{b}{n}.weight", _shape(m), _dense(m)) for n, m in plain]
         if c.is_moe_layer(i):
             bias = mlp.moe_statics.e_score_correction_bias
-            out.append(GGUFTensor(f"{b}exp_probs_b.bias", (bias.shape[-1],), lambda t=bias: t.detach().float().reshape(-1)))
+            out.append(GGUFTensor(f"{b}exp_probs_b.bias", (bias.shape[-1],),  # [1, E] -> [E]
+                                  lambda t=bias: t.detach().float().reshape(-1)))
             out += _expert_tensors(b, mlp.experts)
     out.append(GGUFTensor("output_norm.weight", tuple(inner.norm.weight.shape), _dense(inner.norm)))
     if not c.tie_word_embeddings:  # llama.cpp falls back to token_embd when `output` is absent
@@ -206,10 +207,12 @@ def export_gguf(model, output: str | Path, outtype: str = "f16", tokenizer_dir: 
         for t, qtype in zip(tensors, qtypes):
             if qtype in (Q.F32, Q.F16):
                 dtype = np.float32 if qtype == Q.F32 else np.float16
-                writer.add_tensor_info(t.name, t.shape, np.dtype(dtype), int(np.prod(t.shape)) * np.dtype(dtype).itemsize)
+                nbytes = int(np.prod(t.shape)) * np.dtype(dtype).itemsize
+                writer.add_tensor_info(t.name, t.shape, np.dtype(dtype), nbytes)
             else:
                 byte_shape = gguf.quant_shape_to_byte_shape(t.shape, qtype)
-                writer.add_tensor_info(t.name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=qtype)
+                writer.add_tensor_info(t.name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)),
+                                       raw_dtype=qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()

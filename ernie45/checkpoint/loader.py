@@ -110,15 +110,16 @@ def load_model(model: str | Path, dtype: str | torch.dtype | None = "auto", devi
     raw = json.loads((directory / "config.json").read_text(encoding="utf-8"))
     paddle = paddle_layout.detect(directory / "config.json", raw, weight_files)
     if paddle:  # the legacy Paddle layout: converted tensor by tensor while filling the model
-        model_type = paddle_layout.paddle_model_type(directory / "config.json", raw, weight_files)
+        raw = paddle_layout.paddle_config(directory / "config.json", raw, weight_files)
+        model_type = raw["model_type"]
     spec = _spec(directory, model_type)
     if paddle and spec.family != "text":
         raise ValueError(f"{directory}: Paddle-layout checkpoints of {spec.family} models are not supported; convert "
                          f"them to the transformers layout with ERNIE's tools/paddle2torch first")
     if not paddle and spec.family == "text":
         paddle_layout.check_known(weight_files, str(directory))
-    config = spec.config_class.from_dict({**raw, "model_type": model_type}, source=str(directory / "config.json")) \
-        if paddle else spec.config_class.from_file(directory)
+    config = spec.config_class.from_dict(raw, source=str(directory / "config.json")) if paddle \
+        else spec.config_class.from_file(directory)
     torch_dtype = parse_dtype(dtype, config.extra)
     num_mtp = (paddle_layout.count_mtp_layers if paddle else spec.layout.count_mtp_layers)(weight_files, config)
     net = build_empty_model(config, torch_dtype, num_mtp, device)
@@ -178,6 +179,7 @@ def fill_weights(
         for file, names in by_file.items():
             with _open(file) as f:
                 for name in names:
+                    raw = None  # read once, however many targets (fused Paddle tensors fill up to three)
                     for target in targets_of(name):
                         if skip(target, params):
                             continue
@@ -185,7 +187,8 @@ def fill_weights(
                             unexpected.append(name)
                             continue
                         try:
-                            tensor = target.source(f.get_tensor(name))
+                            raw = f.get_tensor(name) if raw is None else raw
+                            tensor = target.source(raw)
                             view = place(params[target.name], target, tensor)
                         except (SafetensorError, OSError) as exc:
                             raise ValueError(f"{file}: tensor {name} cannot be read (truncated or corrupt?): {exc}") from exc

@@ -234,6 +234,15 @@ def check_known(names, where: str) -> None:
                          f"(`ernie.` prefix, e.g. ernie.layers.0.self_attn.qkv_proj.weight)")
 
 
+def paddle_config(config_path, raw: dict, names) -> dict:
+    """config.json of a Paddle checkpoint as our config reads it: model_type filled in (`paddle_model_type`), and
+    tie_word_embeddings, when absent, from whether `lm_head.weight` is stored (the official converter defaults to
+    untied, transformers to tied: the tensors settle it)."""
+    out = dict(raw, model_type=paddle_model_type(config_path, raw, names))
+    out.setdefault("tie_word_embeddings", "lm_head.weight" not in names)
+    return out
+
+
 def paddle_model_type(config_path, raw: dict, names) -> str:
     """model_type of a Paddle config.json: its own, else from `architectures`, else from the tensor names."""
     if raw.get("model_type"):

@@ -28,9 +28,9 @@ from ernie45.models import Ernie45Config
 
 gguf = pytest.importorskip("gguf", reason="the gguf package is not installed: pip install 'ernie45[gguf]'")
 
-TINY = {"vocab_size": 8256, "hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 3, "num_attention_heads": 4,
-            "num_key_value_heads": 2, "head_dim": 16, "initializer_range": 0.1, "max_position_embeddings": 512,
-            "tie_word_embeddings": False}
+TINY = {"vocab_size": 8256, "hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 3,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "initializer_range": 0.1,
+        "max_position_embeddings": 512, "tie_word_embeddings": False}
 MODELS = {
     "default_moe": None,
     "dense_from_default": "derived",
@@ -235,3 +235,32 @@ def test_packed_int8_checkpoint_requantizes_to_q8_0(tmp_path, llama_cpp):
         ours = packed(torch.tensor([ids]))[0].argmax(-1).numpy()
     _, logits = llama_logits(llama_cpp, path, ids)
     assert float((logits.argmax(-1) == ours).mean()) >= 0.95
+
+
+def test_lora_merged_export_carries_the_merged_weights(tmp_path):
+    from ernie45.training.lora import adapter_state_dict, apply_lora, load_adapter, merge_lora, save_adapter
+
+    model = load(DEFAULT_MODEL_DIR)
+    apply_lora(model, ["q_proj", "o_proj", "gate_proj", "experts"], r=4, alpha=8.0)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    save_adapter(adapter_state_dict(model.named_parameters()), tmp_path / "adapter", 4, 8.0, 0.0,
+                 ["q_proj", "o_proj", "gate_proj", "experts"], str(DEFAULT_MODEL_DIR))
+    out = tmp_path / "merged.gguf"
+    assert main(["export", "--merge-lora", str(tmp_path / "adapter"), "--format", "gguf", "--outtype", "f32",
+                 "--dtype", "float32", "--output", str(out)]) == 0
+    merged = load(DEFAULT_MODEL_DIR)
+    load_adapter(merged, tmp_path / "adapter")
+    merge_lora(merged)
+    expected = {t.name: t.produce().numpy() for t in gguf_tensors(merged)}
+    base = {t.name: t.produce().numpy() for t in gguf_tensors(load(DEFAULT_MODEL_DIR))}
+    reader = gguf.GGUFReader(out)
+    changed = 0
+    for t in reader.tensors:
+        got = t.data.reshape(expected[t.name].shape)
+        assert np.array_equal(got, expected[t.name]), t.name
+        changed += not np.array_equal(got, base[t.name])
+    assert changed >= 4 * 4  # q, o, experts' gate/up and down in every layer, gate_proj in the dense one

@@ -163,3 +163,14 @@ def test_unknown_layout_is_refused(tmp_path):
                            if k.startswith("ernie.")])
     with pytest.raises(ValueError, match="unknown checkpoint layout: tensor .* neither in the transformers layout"):
         ernie45.load_model(path)
+
+
+@pytest.mark.parametrize("case", ["dense_bias_untied", "moe_tied_interval2"])
+def test_paddle_config_without_tie_word_embeddings_follows_the_tensors(tmp_path, case):
+    hf, path = paddle_checkpoint(tmp_path, case)
+    config = json.loads((path / "config.json").read_text())
+    del config["tie_word_embeddings"]
+    (path / "config.json").write_text(json.dumps(config))
+    ours = ernie45.load_model(path)
+    assert ours.config.tie_word_embeddings == hf.config.tie_word_embeddings
+    assert (logits_of(ours, 96) - logits_of(hf, 96)).abs().max().item() <= 1e-4
