@@ -264,3 +264,21 @@ def test_lora_merged_export_carries_the_merged_weights(tmp_path):
         assert np.array_equal(got, expected[t.name]), t.name
         changed += not np.array_equal(got, base[t.name])
     assert changed >= 4 * 4  # q, o, experts' gate/up and down in every layer, gate_proj in the dense one
+
+
+def test_packed_int4_requantizes_to_q4_0_blocks(tmp_path):
+    """A 4-bit checkpoint's weights are dequantized per module and requantized: each Q4_0 tensor equals gguf's own
+    Q4_0 of ernie45's dequantized weight, byte for byte."""
+    from ernie45.quant.quantize import quantize
+
+    shutil.copytree(DEFAULT_MODEL_DIR, tmp_path / "src")
+    quantize(str(tmp_path / "src"), str(tmp_path / "int4"), bits=4)
+    packed = load(tmp_path / "int4")
+    reader = gguf.GGUFReader(export_gguf(packed, tmp_path / "m.gguf", "q4_0"))
+    expected = {t.name: t for t in gguf_tensors(packed)}
+    Q = gguf.GGMLQuantizationType
+    quantized = [t for t in reader.tensors if t.tensor_type == Q.Q4_0]
+    assert len(quantized) >= 4 * 4
+    for t in quantized:
+        want = gguf.quants.quantize(expected[t.name].produce().numpy(), Q.Q4_0)
+        assert np.array_equal(np.asarray(t.data).reshape(want.shape), want), t.name
