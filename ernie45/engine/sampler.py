@@ -184,6 +184,9 @@ def apply_grammar(logits_SV: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
     constrained = [i for i, row in enumerate(rows) if row.token_bitmask is not None]
     if not constrained:
         return
+    if len(constrained) == len(rows):  # every row: mask in place, no gather / scatter of [S, V]
+        apply_token_bitmask(logits_SV, torch.stack([row.token_bitmask for row in rows]))
+        return
     idx = torch.tensor(constrained, device=logits_SV.device)
     logits_RV = logits_SV[idx]
     apply_token_bitmask(logits_RV, torch.stack([rows[i].token_bitmask for i in constrained]))

@@ -74,7 +74,13 @@ def default_backend() -> type[GrammarBackend]:
 
 def apply_token_bitmask(logits_RV: torch.Tensor, bitmask_RW: torch.Tensor) -> None:
     """-inf, in place, on every token whose bit is clear. Tokens past 32 * W (none with a full mask) stay."""
-    vocab = logits_RV.shape[1]
-    shifts = torch.arange(32, dtype=torch.int32, device=bitmask_RW.device)
-    allowed_RV = ((bitmask_RW[:, :, None] >> shifts) & 1).reshape(bitmask_RW.shape[0], -1)[:, :vocab].bool()
-    logits_RV[:, : allowed_RV.shape[1]].masked_fill_(~allowed_RV.to(logits_RV.device), float("-inf"))
+    vocab = min(logits_RV.shape[1], 32 * bitmask_RW.shape[1])
+    # One AND with the 32 bit weights gives [R, W, 32], laid out as token ids: bit b of word w is token 32 w + b.
+    bits_RW32 = bitmask_RW.to(logits_RV.device)[:, :, None] & _bit_weights(logits_RV.device)
+    blocked_RV = (bits_RW32 == 0).view(bitmask_RW.shape[0], -1)[:, :vocab]
+    logits_RV[:, :vocab].masked_fill_(blocked_RV, float("-inf"))
+
+
+def _bit_weights(device: torch.device) -> torch.Tensor:
+    # 1 << 31 is the int32 sign bit: written as its int32 value.
+    return torch.tensor([1 << b if b < 31 else -(1 << 31) for b in range(32)], dtype=torch.int32, device=device)
