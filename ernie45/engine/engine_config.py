@@ -40,6 +40,10 @@ class EngineConfig:
     """Share the KV of identical prompt prefixes (full blocks) between requests."""
     seed: int | None = 0
     """Seed of the engine's RNG, which seeds requests that bring no seed of their own."""
+    speculative_config: dict | None = None
+    """Speculative decoding, as vLLM takes it: {"method": "ngram", "num_speculative_tokens": 4,
+    "prompt_lookup_min": 1, "prompt_lookup_max": 4, "disable_by_batch_size": 4} (JSON on the command line).
+    None: off."""
     structured_outputs_backend: str = "xgrammar"
     """Grammar library for structured output (JSON schema, regex, choice, grammar); vLLM's and FastDeploy's
     default."""
@@ -52,6 +56,9 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        from .spec_decode import SpeculativeConfig
+
+        SpeculativeConfig.of(self.speculative_config)  # a bad field raises here, naming it
         if self.structured_outputs_backend not in STRUCTURED_OUTPUTS_BACKENDS:
             raise ValueError(f"structured_outputs_backend must be one of {', '.join(STRUCTURED_OUTPUTS_BACKENDS)}, "
                              f"got {self.structured_outputs_backend!r}")
@@ -78,12 +85,27 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{docs.get(f.name, '')} (default: {f.default})".replace("%", "%%")
         kind = next((a for a in typing.get_args(hints[f.name]) if a is not type(None)), hints[f.name])  # X | None
-        if kind is bool:
+        if kind is dict:
+            group.add_argument(flag, dest=f.name, type=_json_object, default=f.default, metavar="JSON",
+                               help=help_text)
+        elif kind is bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
                                help=help_text)
         else:
             group.add_argument(flag, dest=f.name, type=kind, default=f.default, metavar="N" if kind is int else "NAME",
                                help=help_text)
+
+
+def _json_object(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:

@@ -11,6 +11,7 @@ import time
 import torch
 
 from ..generation.text import stop_ids_for
+from ..models import spec_for
 from ..models.ernie45 import Ernie45ForCausalLM
 from .block_manager import BlockManager
 from .engine_config import DEFAULT_KV_CACHE_MEMORY, DEFAULT_MAX_MODEL_LEN, EngineConfig
@@ -24,6 +25,7 @@ from .request import Request, RequestStatus
 from .sampler import Sampler, SamplerOutput, SamplingRow
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
+from .spec_decode import SpeculativeConfig, SpecDecodeStats, propose_ngram, verify
 from .stop_checker import StopChecker
 from .structured_output import StructuredOutputManager
 
@@ -60,6 +62,10 @@ class LLMEngine:
         self.runner = ModelRunner(model, self.cache, self.block_manager.block_table)
         self.sampler = Sampler()
         self.eos_token_ids = set(stop_ids_for(tokenizer, model))
+        self.speculative_config = SpeculativeConfig.of(config.speculative_config)
+        if self.speculative_config is not None and spec_for(model).is_multimodal:
+            raise ValueError("speculative_config: speculative decoding does not support VL models yet")
+        self.spec_stats = SpecDecodeStats()
         self.structured_outputs = StructuredOutputManager(tokenizer, mcfg.vocab_size, sorted(self.eos_token_ids),
                                                           config.structured_outputs_backend)
         self._rng = random.Random(config.seed)
@@ -143,11 +149,13 @@ class LLMEngine:
             "prompt_tokens_total": self.num_prompt_tokens_total,
             "generation_tokens_total": self.outputs.num_generation_tokens_total,
             **self.structured_outputs.stats(),
+            **self.spec_stats.as_dict(),
         }
 
     # ------------------------------------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
-        """Schedule, run the model, sample, update; returns an output for every request that made progress."""
+        """Schedule, run the model, sample (or verify drafts), update, draft; returns an output for every request
+        that made progress."""
         batch = self.scheduler.schedule()
         if not batch:
             return []
@@ -156,25 +164,69 @@ class LLMEngine:
             if request.request_id in prompt_logits:
                 self.outputs.record_prompt_logprobs(request, prompt_logits[request.request_id])
         sampled_token_ids: list[list[int]] = [[] for _ in batch.requests]
-        sample_row: dict[str, int] = {}  # request id -> its row of the sampler's result
-        result = self._sample(logits, [batch.requests[i][0] for i in rows])
-        for j, i in enumerate(rows):
-            sampled_token_ids[i] = [int(result.token_ids[j])]
-            sample_row[batch.requests[i][0].request_id] = j
+        num_rejected = [0] * len(batch.requests)
+        token_logprobs: dict[str, list] = {}  # request id -> (logprob, top logprobs) of each of its new tokens
+        plain = []  # (batch index, logits row) of the rows that sample one token
+        offset = 0
+        for i in rows:
+            request = batch.requests[i][0]
+            num_spec = batch.num_spec.get(request.request_id, 0)
+            if num_spec:
+                drafts = request.spec_token_ids[:num_spec]
+                verified = verify(self.sampler, logits[offset:offset + num_spec + 1], self._row(request), drafts)
+                sampled_token_ids[i] = verified.token_ids
+                num_rejected[i] = num_spec - verified.num_accepted
+                token_logprobs[request.request_id] = list(zip(verified.logprobs, verified.top_logprobs))
+                request.num_draft_tokens += num_spec
+                request.num_accepted_tokens += verified.num_accepted
+                self.spec_stats.record(num_spec, verified.num_accepted)
+            else:
+                plain.append((i, offset))
+            offset += num_spec + 1
+        if plain:
+            result = self._sample(logits[[o for _, o in plain]], [batch.requests[i][0] for i, _ in plain])
+            for j, (i, _) in enumerate(plain):
+                sampled_token_ids[i] = [int(result.token_ids[j])]
+                token_logprobs[batch.requests[i][0].request_id] = [(result.logprobs[j], result.top_logprobs[j])]
         now = time.time()
 
         def on_token(request: Request, token: int) -> RequestStatus | None:
-            j = sample_row[request.request_id]
-            return self.outputs.on_token(request, token, float(result.logprobs[j]), result.top_logprobs[j], now)
+            logprob, top = token_logprobs[request.request_id].pop(0)
+            return self.outputs.on_token(request, token, float(logprob), top, now)
 
-        progressed = self.scheduler.update_from_output(batch, sampled_token_ids, on_token)
+        progressed = self.scheduler.update_from_output(batch, sampled_token_ids, on_token, num_rejected)
+        if self.speculative_config is not None:
+            self._propose_drafts()
         return self.outputs.step_outputs(progressed)
+
+    def _propose_drafts(self) -> None:
+        """Draft the next tokens of every decoding sequence, unless the batch is too large to gain from it."""
+        config = self.speculative_config
+        running = self.scheduler.running
+        if config.disable_by_batch_size is not None and len(running) > config.disable_by_batch_size:
+            return
+        for request in running:
+            # Constrained and forced tokens are not drafted: drafts would have to pass the grammar / the forcing.
+            if (request.num_computed_tokens != request.num_tokens - 1 or request.grammar is not None
+                    or request.forced_token_ids):
+                continue
+            room = self.max_model_len - request.num_tokens
+            if request.params.max_tokens is not None:
+                room = min(room, request.params.max_tokens - request.num_output_tokens - 1)
+            budget = request.params.reasoning_max_tokens
+            if request.in_reasoning and budget is not None:
+                # Every token these drafts add must fall inside the thinking budget, the bonus token included.
+                room = min(room, budget - request.num_reasoning_tokens - 1)
+            k = min(config.num_speculative_tokens, room)
+            if k > 0:
+                request.spec_token_ids = propose_ngram(request.token_ids, k, config.prompt_lookup_min,
+                                                       config.prompt_lookup_max)
+
+    def _row(self, r: Request, bitmask: torch.Tensor | None = None) -> SamplingRow:
+        return SamplingRow(params=r.params, prompt_token_ids=r.prompt_token_ids, output_token_ids=r.output_token_ids,
+                           generator=r.generator, forced_token_id=r.forced_token_ids[0] if r.forced_token_ids else None,
+                           eos_token_ids=self.eos_token_ids, token_bitmask=bitmask)
 
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
         bitmasks = self.structured_outputs.bitmasks(requests)
-        return self.sampler(logits, [
-            SamplingRow(params=r.params, prompt_token_ids=r.prompt_token_ids, output_token_ids=r.output_token_ids,
-                        generator=r.generator, forced_token_id=r.forced_token_ids[0] if r.forced_token_ids else None,
-                        eos_token_ids=self.eos_token_ids, token_bitmask=bitmask)
-            for r, bitmask in zip(requests, bitmasks)
-        ])
+        return self.sampler(logits, [self._row(r, bitmask) for r, bitmask in zip(requests, bitmasks)])

@@ -42,10 +42,12 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int], dict[str, torch.Tensor]]:
-        """Returns (fp32 logits [S, V] of the sampling rows, indices into batch.requests of those rows, and for
+        """Returns (fp32 logits of the sampling rows, indices into batch.requests of those rows, and for
         requests that asked for prompt logprobs the fp32 logits of this step's prompt positions).
 
-        A request samples when this step computes its last known token (decode, or the last prefill chunk).
+        A request samples when this step computes its last known token (decode, or the last prefill chunk). A
+        request verifying k drafts (batch.num_spec) gets k + 1 consecutive logits rows, one per drafted position;
+        every other sampling request one.
         """
         input_ids, positions, sample_rows, sample_positions = [], [], [], []
         prompt_rows: dict[str, slice] = {}
@@ -53,16 +55,18 @@ class ModelRunner:
         for i, (request, num_new) in enumerate(batch.requests):
             start = request.num_computed_tokens
             end = start + num_new
-            input_ids.extend(request.token_ids[start:end])
+            num_spec = batch.num_spec.get(request.request_id, 0)
+            tokens = request.token_ids + request.spec_token_ids[:num_spec] if num_spec else request.token_ids
+            input_ids.extend(tokens[start:end])
             positions.extend(range(start, end))
             if request.params.prompt_logprobs is not None and start < request.num_prompt_tokens - 1:
                 # Position t scores prompt token t + 1: positions up to the second-to-last prompt token.
                 last = min(end, request.num_prompt_tokens - 1)
                 prompt_rows[request.request_id] = slice(q_start, q_start + last - start)
             q_start += num_new
-            if end == request.num_tokens:
+            if end - num_spec == request.num_tokens:
                 sample_rows.append(i)
-                sample_positions.append(q_start - 1)
+                sample_positions.extend(range(q_start - 1 - num_spec, q_start))
         ids = torch.tensor([input_ids], dtype=torch.long, device=self.device)
         metadata = self._metadata(batch)
         if self.is_multimodal:

@@ -63,6 +63,8 @@ class Request:
     """A VL prompt's images / videos (shared by the n samples: encoded once, on their first prefill chunk)."""
     grammar: RequestGrammar | None = None
     """The sequence's place in its structured-output grammar (None: unconstrained)."""
+    spec_token_ids: list[int] = field(default_factory=list)
+    """Draft tokens proposed after the last step, for the next step to verify (speculative decoding)."""
 
     status: RequestStatus = RequestStatus.WAITING
     token_ids: list[int] = field(init=False)
@@ -70,6 +72,8 @@ class Request:
     num_cached_tokens: int = 0
     num_reasoning_tokens: int = 0
     num_preemptions: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
     logprobs: list = field(default_factory=list)
     prompt_logprobs: list | None = None
     cumulative_logprob: float = 0.0

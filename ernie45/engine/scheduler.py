@@ -22,6 +22,8 @@ class ScheduledBatch:
 
     requests: list[tuple[Request, int]] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    num_spec: dict[str, int] = field(default_factory=dict)
+    """request id -> how many of its draft tokens this step verifies (the last ones of its new tokens)."""
 
     @property
     def num_tokens(self) -> int:
@@ -63,6 +65,9 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            # A decoding request verifies its drafts in the same forward: they are scheduled like any tokens.
+            num_spec = min(len(request.spec_token_ids), budget - 1) if num_new == 1 else 0
+            num_new += num_spec
             while not self.block_manager.allocate_slots(request.request_id, request.num_computed_tokens + num_new):
                 victim = self.running.pop()  # the newest running request
                 self._preempt(victim)
@@ -71,6 +76,8 @@ class Scheduler:
                     break
             else:
                 batch.requests.append((request, num_new))
+                if num_spec:
+                    batch.num_spec[request.request_id] = num_spec
                 scheduled_ids.add(request.request_id)
                 budget -= num_new
                 i += 1
@@ -111,34 +118,42 @@ class Scheduler:
         batch: ScheduledBatch,
         sampled_token_ids: list[list[int]],
         on_token: Callable[[Request, int], RequestStatus | None],
+        num_rejected: list[int] | None = None,
     ) -> list[Request]:
-        """After the model ran `batch`: advance each request's computed tokens, register its newly full blocks in
-        the prefix cache (computed tokens only, so a cached block never holds unverified KV), then append
-        `sampled_token_ids[i]` (the tokens row i of the batch sampled; empty when it did not sample) one at a time.
-        `on_token(request, token)` sees each appended token and returns a finished status when it ends the
-        sequence; later tokens of that row are dropped. Returns the requests that received tokens."""
-        for request, num_new in batch.requests:
-            request.num_computed_tokens += num_new
-            if self.enable_prefix_caching:
-                self.block_manager.cache_full_blocks(request.request_id, request.token_ids,
-                                                     request.num_computed_tokens, request.extra_keys)
+        """After the model ran `batch`: advance each request's computed tokens by its new tokens less its
+        `num_rejected[i]` rejected drafts (their KV is garbage, overwritten later), append `sampled_token_ids[i]`
+        (the tokens row i of the batch sampled, accepted drafts first; empty when it did not sample) one at a time,
+        and register its newly full blocks in the prefix cache (verified tokens only, so a cached block never holds
+        unverified KV). `on_token(request, token)` sees each appended token and returns a finished status when it
+        ends the sequence; later tokens of that row are dropped. Returns the requests that received tokens."""
         progressed = []
-        for (request, _), tokens in zip(batch.requests, sampled_token_ids, strict=True):
-            if not tokens or request.finished:  # finished: aborted while the step ran
+        for i, ((request, num_new), tokens) in enumerate(zip(batch.requests, sampled_token_ids, strict=True)):
+            request.spec_token_ids = []  # verified (or not) by this step: the next step gets fresh drafts
+            if request.finished:  # aborted while the step ran
                 continue
-            progressed.append(request)
+            request.num_computed_tokens += num_new - (num_rejected[i] if num_rejected else 0)
+            status = None
+            if tokens:
+                progressed.append(request)
             for token in tokens:
                 request.token_ids.append(token)
                 status = on_token(request, token)
                 if status is not None:
-                    self.finish(request, status)
                     break
+            if self.enable_prefix_caching:
+                # A stop inside accepted drafts drops the tokens after it: only what token_ids holds is cached.
+                computed = min(request.num_computed_tokens, request.num_tokens)
+                self.block_manager.cache_full_blocks(request.request_id, request.token_ids, computed,
+                                                     request.extra_keys)
+            if status is not None:
+                self.finish(request, status)
         return progressed
 
     def _preempt(self, request: Request) -> None:
         self.block_manager.free(request.request_id)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
+        request.spec_token_ids = []
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)
