@@ -25,7 +25,7 @@ from .request import Request, RequestStatus
 from .sampler import Sampler, SamplerOutput, SamplingRow
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
-from .spec_decode import SpeculativeConfig, SpecDecodeStats, propose_ngram, verify
+from .spec_decode import SpecDecodeStats, SpeculativeConfig, propose_ngram, verify
 from .stop_checker import StopChecker
 from .structured_output import StructuredOutputManager
 

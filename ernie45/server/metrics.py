@@ -35,6 +35,13 @@ _ENGINE_COUNTERS = {
     "prompt_tokens_total": ("prompt_tokens", "Prompt tokens admitted."),
     "generation_tokens_total": ("generation_tokens", "Tokens generated."),
     "num_preemptions": ("num_preemptions", "Sequences preempted (KV blocks ran out)."),
+    # vLLM's names; 0 while speculative decoding is off.
+    "spec_decode_num_drafts": ("spec_decode_num_drafts", "Verification steps of a sequence that had drafts."),
+    "spec_decode_num_draft_tokens": ("spec_decode_num_draft_tokens", "Draft tokens verified."),
+    "spec_decode_num_accepted_tokens": ("spec_decode_num_accepted_tokens", "Draft tokens accepted."),
+    "grammar_compiles": ("structured_output_grammar_compiles", "Structured-output grammars compiled."),
+    "grammar_cache_hits": ("structured_output_grammar_cache_hits",
+                           "Structured-output constraints served from the compiled-grammar cache."),
 }
 
 
@@ -53,7 +60,7 @@ class _EngineCollector(Collector):
             yield family
         for key, (name, doc) in _ENGINE_COUNTERS.items():
             family = CounterMetricFamily(_PREFIX + name, doc, labels=["model_name"])
-            family.add_metric(labels, stats[key])
+            family.add_metric(labels, stats.get(key, 0))  # grammar counters appear with the first constraint
             yield family
         queries, hits = stats["prefix_cache_queries"], stats["prefix_cache_hits"]
         rate = GaugeMetricFamily(_PREFIX + "prefix_cache_hit_rate", "prefix_cache_hits / prefix_cache_queries.",
