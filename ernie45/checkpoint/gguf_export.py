@@ -223,6 +223,9 @@ def export_gguf(model, output: str | Path, outtype: str = "f16", tokenizer_dir: 
                     raise ValueError(f"GGUF tensor {t.name}: produced shape {tuple(data.shape)}, expected {t.shape}")
                 writer.write_tensor_data(_encode(data, qtype, gguf))
         writer.close()
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it 0600; the export gets the mode a plain open() would give
         os.replace(tmp, output)
     except BaseException:
         tmp.unlink(missing_ok=True)

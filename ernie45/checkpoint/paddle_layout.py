@@ -203,7 +203,9 @@ def count_mtp_layers(names, config) -> int:
 
 def detect(config_path, raw: dict, names) -> bool:
     """Whether a checkpoint is in the Paddle layout, from its tensor names, checked against config.json the way
-    FastDeploy reads it (`dtype` = Paddle, `torch_dtype` = torch, both = an error). Raises on mixed layouts."""
+    FastDeploy reads it (`dtype` = Paddle, `torch_dtype` = torch, both = an error). Raises on mixed layouts.
+    Unlike FastDeploy, `dtype` alone does not make a checkpoint Paddle (transformers 5 and ernie45 write `dtype`
+    too), and a config with neither key is read by its tensors."""
     paddle = next((n for n in names if is_paddle_name(n)), None)
     if paddle is None:
         return False

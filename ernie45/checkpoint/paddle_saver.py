@@ -6,6 +6,7 @@ the model plus one shard), written to a temporary sibling directory and swapped 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -56,6 +57,9 @@ def save_paddle(model: torch.nn.Module, out_dir: str | Path, tokenizer=None,
             generation.setdefault(key, getattr(model.config, key))
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
         _write_tokenizer(tokenizer if tokenizer is not None else getattr(model, "source_dir", None), tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it 0700; the output gets the mode mkdir would give
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

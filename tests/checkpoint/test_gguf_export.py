@@ -12,6 +12,7 @@ the same as ernie45 itself run on q8_0-rounded weights (0.915 / 0.944): the loss
 """
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -146,6 +147,9 @@ def test_cli_export_gguf_and_refusals(tmp_path):
     reader = gguf.GGUFReader(out)
     assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q4_0
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".m.gguf")]  # no temporary file left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # not the temporary file's 0600
     model = load(DEFAULT_MODEL_DIR)
     with pytest.raises(ValueError, match="'q6_k' is not one of f32, f16, bf16, q8_0, q4_0"):
         export_gguf(model, tmp_path / "x.gguf", "q6_k")

@@ -2,6 +2,7 @@
 byte as the official converter's rules give it, and the -PT layout byte for byte as transformers writes it."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -29,6 +30,9 @@ def test_export_paddle_is_byte_identical_to_the_converter_rules(case, tmp_path):
     written, reference = config_of(tmp_path / "out"), config_of(paddle)
     assert {k: written.get(k) for k in reference} == reference  # every key, Paddle-only extras included
     assert "torch_dtype" not in written and "rope_parameters" not in written
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~umask  # not the temporary directory's 0700
 
 
 def test_export_paddle_bf16_and_mtp(tmp_path):
