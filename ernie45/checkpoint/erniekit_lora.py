@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import json
 import math
-import pickle
 import re
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+
+from .pdparams import read_pdparams
 
 LORA_CONFIG = "lora_config.json"
 SAFETENSORS_FILES = ("peft_model.safetensors", "lora_model_state.safetensors")
@@ -53,19 +54,6 @@ def read_config(directory: Path) -> dict:
     return config
 
 
-class _NumpyOnly(pickle.Unpickler):
-    """paddle.save writes a state dict as a pickle of numpy arrays: allow exactly those classes, nothing else."""
-
-    _ALLOWED = frozenset({("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-                          ("numpy", "ndarray"), ("numpy", "dtype"), ("collections", "OrderedDict"),
-                          ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar")})
-
-    def find_class(self, module, name):
-        if (module, name) not in self._ALLOWED:
-            raise pickle.UnpicklingError(f"{module}.{name} is not a numpy array class")
-        return super().find_class(module, name)
-
-
 def read_tensors(directory: Path) -> dict[str, torch.Tensor]:
     """name -> tensor (bf16 bits stored as uint16 viewed as bf16) from the adapter's weight file(s)."""
     files = []
@@ -80,13 +68,8 @@ def read_tensors(directory: Path) -> dict[str, torch.Tensor]:
             for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                 out[name] = f.get_tensor(name)
     if not files and (directory / PDPARAMS_FILE).is_file():
-        with open(directory / PDPARAMS_FILE, "rb") as fh:
-            raw = _NumpyOnly(fh).load()
-        if not isinstance(raw, dict):
-            raise ValueError(f"{directory / PDPARAMS_FILE}: not a state dict")
-        # A tensor pickled outside a state dict is (name, ndarray) (paddle's reduce_varbase); in one, an ndarray.
-        raw = {k: v[1] if isinstance(v, tuple) and len(v) == 2 else v for k, v in raw.items()}
-        out = {k: torch.from_numpy(v.copy()) for k, v in raw.items() if hasattr(v, "dtype")}
+        raw = read_pdparams(directory / PDPARAMS_FILE)
+        out = {k: torch.from_numpy(v.copy()) for k, v in raw.items()}
     if not out:
         raise FileNotFoundError(f"{directory}: no adapter weights ({', '.join(SAFETENSORS_FILES)}, "
                                 f"{SAFETENSORS_INDEX} or {PDPARAMS_FILE})")

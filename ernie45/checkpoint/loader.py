@@ -50,6 +50,10 @@ def list_weight_files(directory: Path) -> dict[str, Path]:
             raise FileNotFoundError(f"{index} names shard(s) that are not in {directory}: {', '.join(missing)}")
         return {name: directory / f for name, f in weight_map.items()}
     files = sorted(directory.glob("*.safetensors"))
+    if not files and any(directory.glob("*.pdparams")):
+        raise FileNotFoundError(
+            f"{directory}: a Paddle .pdparams checkpoint (pickled, not memory-mappable); rewrite it as safetensors "
+            f"once with `ernie45 convert {directory} OUT --to hf` (or --to paddle to keep the Paddle layout)")
     if not files:
         present = ", ".join(sorted(p.name for p in directory.iterdir())) or "nothing"
         raise FileNotFoundError(

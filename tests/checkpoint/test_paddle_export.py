@@ -101,3 +101,27 @@ def test_packed_models_have_no_paddle_layout(tmp_path):
     quantize(str(paddle), str(tmp_path / "q8"), bits=8)
     with pytest.raises(ValueError, match="packed \\(quantized\\) weights have no Paddle layout"):
         save_paddle(ernie45.load_model(tmp_path / "q8"), tmp_path / "out")
+
+
+def test_pdparams_checkpoint_converts_and_loads(tmp_path):
+    """A .pdparams checkpoint (paddle.save's format: a pickle of numpy arrays, bf16 as uint16, plus its name table;
+    checked against paddlepaddle 3.3.1) is refused by the loader with the convert command, and converts."""
+    import pickle
+
+    from safetensors.numpy import load_file as load_np
+
+    _, paddle = paddle_checkpoint(tmp_path, "moe_shared2_untied", dtype=torch.bfloat16)
+    arrays = load_np(str(paddle / "model.safetensors"))
+    src = tmp_path / "pdparams"
+    src.mkdir()
+    state = dict(arrays, **{"StructuredToParameterName@@": {k: f"param_{i}" for i, k in enumerate(arrays)}})
+    (src / "model_state.pdparams").write_bytes(pickle.dumps(state, protocol=4))
+    (src / "config.json").write_text((paddle / "config.json").read_text())
+    with pytest.raises(FileNotFoundError, match="Paddle .pdparams checkpoint .*`ernie45 convert"):
+        ernie45.load_model(src)
+    assert main(["convert", str(src), str(tmp_path / "pt"), "--to", "hf"]) == 0
+    assert not [p for p in tmp_path.iterdir() if ".pdparams-" in p.name]  # staging removed
+    converted, reference = ernie45.load_model(tmp_path / "pt"), ernie45.load_model(paddle)
+    assert converted.dtype == torch.bfloat16
+    for (name, p), (_, q) in zip(converted.named_parameters(), reference.named_parameters()):
+        assert torch.equal(p, q), name
