@@ -73,6 +73,10 @@ def check_exportable(model) -> None:
     spec = spec_for(model)
     if spec.family != "text":
         raise ValueError(f"GGUF export covers ERNIE 4.5 text models (ernie4_5, ernie4_5_moe), not {spec.family} models")
+    adapters = [n for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n]
+    if adapters:
+        raise ValueError(f"the model carries unmerged LoRA adapters ({adapters[0]}, ...): merge them first "
+                         f"(training.lora.merge_lora, or ernie45 export --merge-lora ADAPTER_DIR)")
     c = model.config
     if c.use_bias:
         raise ValueError("config.json: use_bias is true, but llama.cpp's ernie4_5 graphs have no q/k/v/o or MLP biases")

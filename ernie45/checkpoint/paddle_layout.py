@@ -100,6 +100,9 @@ class PaddleLayout:
             shape = tuple(p.shape)
             if name == "lm_head.weight" and tie_word_embeddings:
                 continue
+            if ".lora_A." in name or ".lora_B." in name:
+                raise ValueError(f"{name}: unmerged LoRA adapters have no place in a checkpoint; merge them first "
+                                 f"(ernie45 export --merge-lora ADAPTER_DIR)")
             if name.endswith((".qweight", ".scales", ".qzeros")):
                 raise ValueError(f"{name}: packed (quantized) weights have no Paddle layout; export the "
                                  f"full-precision model")

@@ -153,6 +153,12 @@ def test_cli_export_gguf_and_refusals(tmp_path):
     model = load(DEFAULT_MODEL_DIR)
     with pytest.raises(ValueError, match="'q6_k' is not one of f32, f16, bf16, q8_0, q4_0"):
         export_gguf(model, tmp_path / "x.gguf", "q6_k")
+    from ernie45.training.lora import apply_lora
+
+    wrapped = load(DEFAULT_MODEL_DIR)
+    apply_lora(wrapped, ["q_proj"], r=2, alpha=2.0)
+    with pytest.raises(ValueError, match="unmerged LoRA adapters"):
+        export_gguf(wrapped, tmp_path / "x.gguf", "f32")
     model.config.moe_layer_end_index = 2  # layer 3 dense: llama.cpp's rule cannot express it
     with pytest.raises(ValueError, match="layer 3 is dense here but llama.cpp makes it MoE"):
         export_gguf(model, tmp_path / "x.gguf", "f32")
