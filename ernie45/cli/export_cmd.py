@@ -19,13 +19,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", default=None,
                    help="model directory / hub id, or an ERNIEKit-style export YAML (model_name_or_path, output_dir)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the YAML (e.g. lora=True)")
-    p.add_argument("--merge-lora", default=None, metavar="ADAPTER_DIR", help="PEFT adapter directory to merge")
+    p.add_argument("--merge-lora", default=None, metavar="ADAPTER_DIR",
+                   help="LoRA adapter to merge: PEFT (adapter_config.json) or ERNIEKit (lora_config.json)")
     p.add_argument("--output", default=None, help="output directory (hf, paddle) or .gguf file")
     p.add_argument("--base", default=None, help="base model (default: the adapter's base_model_name_or_path)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--format", default="hf", choices=FORMATS,
                    help="hf: transformers layout; paddle: legacy Paddle layout; gguf: llama.cpp file")
-    p.add_argument("--outtype", default="f16", help="GGUF tensor type: f32, f16, bf16, q8_0 or q4_0 (default f16)")
+    p.add_argument("--outtype", default="f16", choices=("f32", "f16", "bf16", "q8_0", "q4_0"),
+                   help="GGUF tensor type (default f16; router, norms and biases stay f32)")
 
 
 def _is_yaml(path: str) -> bool:
