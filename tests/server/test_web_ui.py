@@ -96,7 +96,8 @@ def test_page_and_assets_need_no_key_but_the_api_does(web_server):
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "script-src 'self'" in page.headers["content-security-policy"]
     assert 'data-multimodal="false"' in page.text  # a text model: no image button
-    for name, kind in (("app.js", "text/javascript"), ("markdown.js", "text/javascript"), ("style.css", "text/css")):
+    scripts = ("app.js", "api.js", "message_view.js", "markdown.js")
+    for name, kind in [(n, "text/javascript") for n in scripts] + [("style.css", "text/css")]:
         asset = httpx.get(f"{web_server.url}/web/{name}")
         assert asset.status_code == 200 and asset.headers["content-type"].startswith(kind), name
     assert httpx.get(web_server.url + "/web/../app.py").status_code == 404

@@ -1,14 +1,12 @@
 // The chat page: talks to this server's OpenAI endpoints (GET /v1/models, streaming POST /v1/chat/completions),
-// keeps the conversation and the settings in localStorage, renders answers as Markdown while they stream.
-//
-// Each assistant message element carries data-state: "streaming" | "done" | "stopped" | "error", so a person
-// (and the browser test) can tell where a reply stands.
+// keeps the conversation and the settings in localStorage, renders answers as Markdown while they stream
+// (message_view.js).
 
-import { renderMarkdown } from "./markdown.js";
+import { describeError, sseData } from "./api.js";
+import { renderMessage as renderMessageIn } from "./message_view.js";
 
 const STORE = { conversation: "ernie45.webui.conversation", settings: "ernie45.webui.settings",
   apiKey: "ernie45.webui.apiKey" };
-const RENDER_INTERVAL_MS = 30; // re-render the streaming answer at most this often (Markdown is re-parsed whole)
 
 const $ = (id) => document.getElementById(id);
 const els = {
@@ -79,22 +77,6 @@ function headers() {
   return h;
 }
 
-// An error body in OpenAI's shape ({"error": {"message", "type", "param", "code"}}) as one readable line.
-async function describeError(response) {
-  let detail = "";
-  try {
-    const body = await response.json();
-    const e = body.error || body;
-    detail = [e.type, e.code].filter(Boolean).join(", ");
-    detail = `${detail ? `${detail}: ` : ""}${e.message ?? JSON.stringify(body)}`;
-  } catch {
-    detail = response.statusText || "no details";
-  }
-  const hint = response.status === 401 ? " (enter the server's API key in Settings)"
-    : response.status === 429 ? " (the server's queue is full; try again in a moment)" : "";
-  return `Error ${response.status}: ${detail}${hint}`;
-}
-
 async function loadModel() {
   els.modelName.textContent = "loading…";
   els.modelLen.textContent = "";
@@ -160,24 +142,6 @@ function requestBody() {
   if (els.temperature.value !== "") body.temperature = Number(els.temperature.value);
   if (els.maxTokens.value !== "") body.max_tokens = Number(els.maxTokens.value);
   return { ...body, ...extraFields };
-}
-
-// Yields each `data:` payload of a server-sent event stream.
-async function* sseData(response) {
-  const reader = response.body.getReader();
-  const decoder = new TextDecoder();
-  let buffer = "";
-  for (;;) {
-    const { value, done } = await reader.read();
-    if (done) break;
-    buffer += decoder.decode(value, { stream: true });
-    let newline;
-    while ((newline = buffer.indexOf("\n")) >= 0) {
-      const line = buffer.slice(0, newline).replace(/\r$/, "");
-      buffer = buffer.slice(newline + 1);
-      if (line.startsWith("data:")) yield line.slice(5).trim();
-    }
-  }
 }
 
 async function send(text) {
@@ -259,82 +223,7 @@ function describeUsage(usage, started, firstToken, how) {
 // ---- rendering ------------------------------------------------------------------------------------------------
 
 function renderMessage(message) {
-  const el = document.createElement("div");
-  el.className = `message ${message.role}`;
-  const role = document.createElement("div");
-  role.className = "role";
-  role.textContent = message.role === "user" ? "You" : state.model || "assistant";
-  el.append(role);
-  if (message.role === "user") {
-    const content = document.createElement("div");
-    content.className = "content plain";
-    content.textContent = message.content;
-    el.append(content);
-    for (const url of message.images || []) {
-      const img = document.createElement("img");
-      img.className = "attached";
-      img.src = url;
-      img.alt = "attached image";
-      el.append(img);
-    }
-    els.messages.append(el);
-    scrollDown();
-    return { update() {} };
-  }
-  const reasoning = document.createElement("details");
-  reasoning.className = "reasoning";
-  reasoning.hidden = true;
-  const summary = document.createElement("summary");
-  const reasoningBody = document.createElement("div");
-  reasoningBody.className = "reasoning-body";
-  reasoning.append(summary, reasoningBody);
-  const content = document.createElement("div");
-  content.className = "content markdown";
-  const meta = document.createElement("div");
-  meta.className = "meta";
-  const error = document.createElement("div");
-  error.className = "error";
-  error.setAttribute("role", "alert");
-  el.append(reasoning, content, meta, error);
-  els.messages.append(el);
-
-  let lastRender = 0;
-  let timer = null;
-  let folded = false;
-  const draw = () => {
-    timer = null;
-    lastRender = performance.now();
-    el.dataset.state = message.state || "done";
-    if (message.reasoning) {
-      reasoning.hidden = false;
-      reasoningBody.textContent = message.reasoning;
-      const thinking = message.state === "streaming" && !message.content;
-      summary.textContent = thinking ? "Thinking…" : `Thought (${message.reasoning.length.toLocaleString("en")} characters)`;
-      // open while the model thinks, folded once the answer starts (the reader can unfold it)
-      if (thinking) reasoning.open = true;
-      else if (!folded) { reasoning.open = false; folded = true; }
-    }
-    content.innerHTML = renderMarkdown(message.content);
-    meta.textContent = message.meta || "";
-    error.textContent = message.error || "";
-    error.hidden = !message.error;
-    scrollDown();
-  };
-  draw();
-  return {
-    update(now = false) {
-      if (now || performance.now() - lastRender >= RENDER_INTERVAL_MS) {
-        if (timer !== null) clearTimeout(timer);
-        draw();
-      } else if (timer === null) {
-        timer = setTimeout(draw, RENDER_INTERVAL_MS);
-      }
-    },
-  };
-}
-
-function scrollDown() {
-  els.messages.scrollTop = els.messages.scrollHeight;
+  return renderMessageIn(message, els.messages, state.model);
 }
 
 function setStatus(text, isError = false) {
