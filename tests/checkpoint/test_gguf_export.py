@@ -56,7 +56,6 @@ def checkpoint(request, tmp_path_factory):
     return out
 
 
-
 def dense_from_default(out):
     moe = ernie45.load_model(DEFAULT_MODEL_DIR, dtype="float32")
     raw = {k: v for k, v in moe.config.to_dict().items() if not k.startswith("moe_")}
