@@ -259,3 +259,49 @@ def test_a_full_queue_429_is_shown_with_a_hint(page, web_server):
     assert error.endswith("(the server's queue is full; try again in a moment)")
     after = web_server.wait_idle(timeout=30)  # both held requests were aborted when their connections closed
     assert after["ernie45:num_free_kv_blocks"] == after["ernie45:num_kv_blocks"]
+
+
+MARKDOWN = """# Title
+Some **bold**, *italic*, `a <b> tag` and <script>alert(1)</script>.
+
+- one
+- two
+  - nested
+
+1. first
+2. second
+
+```python
+print("<x>")
+```
+
+| a | b |
+|---|--:|
+| 1 | 2 |
+
+> quoted
+
+[ok](https://example.com/?a=1&b=2) [bad](javascript:alert(1)) <img src=x onerror=alert(1)>
+```js
+still streaming"""
+
+
+def test_markdown_is_rendered_with_every_source_character_escaped(page):
+    html = page.evaluate("async (text) => (await import('/web/markdown.js')).renderMarkdown(text)", MARKDOWN)
+    assert html.startswith("<h1>Title</h1><p>Some <strong>bold</strong>, <em>italic</em>, <code>a &lt;b&gt; tag</code>"
+                           " and &lt;script&gt;alert(1)&lt;/script&gt;.</p>")
+    assert "<ul><li>one</li><li>two<ul><li>nested</li></ul></li></ul><ol><li>first</li><li>second</li></ol>" in html
+    assert '<pre><code class="language-python">print(&quot;&lt;x&gt;&quot;)</code></pre>' in html
+    assert '<th>a</th><th class="align-right">b</th>' in html and '<td class="align-right">2</td>' in html
+    assert "<blockquote><p>quoted</p></blockquote>" in html
+    assert '<a href="https://example.com/?a=1&amp;b=2" target="_blank" rel="noopener noreferrer">ok</a>' in html
+    assert "[bad](javascript:alert(1))" in html and "&lt;img src=x onerror=alert(1)&gt;" in html
+    assert html.endswith('<code class="language-js">still streaming</code></pre></div>')  # an unclosed fence
+    # the browser's own parse of it: the only elements are the renderer's, nothing executable
+    tags = page.evaluate("""(html) => {
+        const box = document.createElement('div');
+        box.innerHTML = html;
+        return [...new Set([...box.querySelectorAll('*')].map(e => e.tagName.toLowerCase()))].sort();
+    }""", html)
+    assert set(tags) <= {"a", "blockquote", "button", "code", "div", "em", "h1", "li", "ol", "p", "pre", "span",
+                         "strong", "table", "tbody", "td", "th", "thead", "tr", "ul"}, tags
