@@ -211,7 +211,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     try:
         from ..bench.serve import ServeTarget, result_record, run_requests, served_model
     except ImportError as exc:
-        raise SystemExit(f"error: ernie45 bench serve needs {exc.name}: pip install 'ernie45[serve]' httpx") from None
+        raise SystemExit(f"error: ernie45 bench serve needs {exc.name}: pip install 'ernie45[serve]'") from None
     from ..bench import machine
     from ..bench.datasets import ServerTokenizer
     from ..bench.metrics import compute_metrics, format_summary
