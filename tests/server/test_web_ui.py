@@ -16,9 +16,7 @@ import pytest
 from ernie45.default_model import DEFAULT_MODEL_DIR
 
 from .conftest import MODEL_NAME, ServerProcess
-from .web_browser import launched_chromium, require_browser
-
-require_browser()
+from .web_browser import launched_chromium
 
 API_KEY = "web-ui-test-key"
 TIMEOUT_MS = 60_000
@@ -37,6 +35,7 @@ def web_server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
+    """Skips the browser tests (only) when chromium or playwright is missing."""
     with launched_chromium() as b:
         yield b
 

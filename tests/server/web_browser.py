@@ -18,7 +18,8 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 
 
 def require_browser():
-    """sync_playwright, or a module-level skip that names the missing piece and the install commands."""
+    """sync_playwright, or a skip (of the module when called at import, else of the test) that names the missing
+    piece and the install commands."""
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
