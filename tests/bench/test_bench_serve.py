@@ -76,6 +76,7 @@ def test_random_prompts_counts_equal_the_servers_metrics(server, tmp_path):
 
 
 def test_sharegpt_jsonl_on_chat_with_poisson_arrivals(server, tmp_path):
+    """ShareGPT prompts counted with a local tokenizer (--tokenizer) rather than the server's /tokenize."""
     dataset = tmp_path / "sharegpt.jsonl"
     questions = ["What is 347 + 85?", "How many letters are in the word river?", "Convert 3 meters to centimeters.",
                  "Tell me a short story about a small cat."]
@@ -87,7 +88,7 @@ def test_sharegpt_jsonl_on_chat_with_poisson_arrivals(server, tmp_path):
     before = counters(server)
     result = bench_serve(server, tmp_path, "--backend", "openai-chat", "--dataset-name", "sharegpt",
                          "--dataset-path", str(dataset), "--num-prompts", "4", "--request-rate", "20",
-                         "--metric-percentiles", "50,90")
+                         "--metric-percentiles", "50,90", "--tokenizer", str(DEFAULT_MODEL_DIR))
     after = counters(server)
     assert result["completed"] == 4 == after["requests"] - before["requests"]
     # chat prompts count the template's tokens too: the server's usage is what the benchmark reports
