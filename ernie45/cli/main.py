@@ -1,4 +1,4 @@
-"""`ernie45` command line: generate, chat, serve, train, export, plot, quantize."""
+"""`ernie45` command line: generate, chat, serve, bench, train, export, convert, plot, quantize."""
 
 from __future__ import annotations
 
