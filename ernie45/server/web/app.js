@@ -62,7 +62,8 @@ function restore() {
   if (s.maxTokens !== undefined) els.maxTokens.value = s.maxTokens;
   if (s.extraBody !== undefined) els.extraBody.value = s.extraBody;
   els.thinking.checked = Boolean(s.thinking);
-  setSettingsOpen(s.settingsOpen !== false);
+  // open by default where there is room beside the chat (the narrow layout stacks it above the messages)
+  setSettingsOpen(s.settingsOpen ?? window.matchMedia("(min-width: 801px)").matches);
   els.apiKey.value = localStorage.getItem(STORE.apiKey) || "";
   state.messages = load(STORE.conversation, []).map((m) => (m.state === "streaming" ? { ...m, state: "stopped" } : m));
   for (const message of state.messages) renderMessage(message);
