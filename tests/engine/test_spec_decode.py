@@ -46,6 +46,7 @@ def test_propose_ngram_takes_the_latest_longest_match():
     assert propose_ngram([5, 6, 7], 3, 1, 2) == []
     assert propose_ngram([4, 4], 3, 1, 2) == [4]  # the tail token itself repeats
     assert propose_ngram([1, 2, 3, 1], 5, 1, 1) == [2, 3, 1]
+    assert propose_ngram([7, 5, 5, 5, 5], 3, 1, 1) == [5, 5, 5]  # a loop drafts k tokens, not one
 
 
 def test_greedy_verification_accepts_the_matching_prefix():
