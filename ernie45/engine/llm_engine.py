@@ -172,8 +172,11 @@ class LLMEngine:
             request = batch.requests[i][0]
             num_spec = batch.num_spec.get(request.request_id, 0)
             if num_spec:
-                drafts = request.spec_token_ids[:num_spec]
-                verified = verify(self.sampler, logits[offset:offset + num_spec + 1], self._row(request), drafts)
+                # Drafts the grammar refuses are dropped here (their logits rows are left unused); the grammar
+                # gives each remaining position its mask.
+                drafts, bitmasks = self.structured_outputs.draft_bitmasks(request, request.spec_token_ids[:num_spec])
+                verified = verify(self.sampler, logits[offset:offset + len(drafts) + 1], self._row(request), drafts,
+                                  bitmasks)
                 sampled_token_ids[i] = verified.token_ids
                 num_rejected[i] = num_spec - verified.num_accepted
                 token_logprobs[request.request_id] = list(zip(verified.logprobs, verified.top_logprobs))
@@ -206,9 +209,9 @@ class LLMEngine:
         if config.disable_by_batch_size is not None and len(running) > config.disable_by_batch_size:
             return
         for request in running:
-            # Constrained and forced tokens are not drafted: drafts would have to pass the grammar / the forcing.
-            if (request.num_computed_tokens != request.num_tokens - 1 or request.grammar is not None
-                    or request.forced_token_ids):
+            # Forced tokens are not drafted (the forcing decides them); constrained ones are, and the grammar
+            # trims their drafts before verification.
+            if request.num_computed_tokens != request.num_tokens - 1 or request.forced_token_ids:
                 continue
             room = self.max_model_len - request.num_tokens
             if request.params.max_tokens is not None:

@@ -163,10 +163,13 @@ def constrained_reference(model, backend, prompt_ids, params: StructuredOutputsP
     return ids[len(prompt_ids):]
 
 
+@pytest.mark.parametrize("drafts", [False, True])
 @pytest.mark.parametrize("setting", SETTINGS)
-def test_constrained_greedy_equals_plain_model_under_the_same_grammar(setting, dense, backend):
+def test_constrained_greedy_equals_plain_model_under_the_same_grammar(setting, drafts, dense, backend):
+    """With n-gram drafts too: the grammar trims them, masks each verified position, and rolls back."""
     model, tok = dense
-    engine = LLMEngine(model, tok, EngineConfig(**SETTINGS[setting]))
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "disable_by_batch_size": None} if drafts else None
+    engine = LLMEngine(model, tok, EngineConfig(**SETTINGS[setting], speculative_config=spec))
     prompts = mixed_prompts(model.config.vocab_size, count=8)
     # Compact JSON: greedy on random weights can take the whitespace cap at every gap, which would need ~150 tokens.
     constraints = [StructuredOutputsParams(json=SCHEMA, disable_any_whitespace=True),
@@ -197,6 +200,8 @@ def test_constrained_greedy_equals_plain_model_under_the_same_grammar(setting, d
             assert out.text in so.choice
     if setting == "tiny_kv_pool":
         assert engine.scheduler.num_preemptions > 0
+    if drafts:
+        assert engine.stats()["spec_decode_num_accepted_tokens"] > 0
     assert engine.block_manager.num_free_blocks == engine.num_kv_blocks
 
 

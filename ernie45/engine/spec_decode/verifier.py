@@ -36,21 +36,27 @@ class Verified:
     """How many of the K drafts were accepted."""
 
 
-def _position_rows(row: SamplingRow, drafts: Sequence[int]) -> list[SamplingRow]:
+def _position_rows(row: SamplingRow, drafts: Sequence[int],
+                   bitmasks: Sequence[torch.Tensor] | None) -> list[SamplingRow]:
     """One sampling row per verified position: the drafts before it count as generated output."""
     outputs = list(row.output_token_ids)
     return [SamplingRow(params=row.params, prompt_token_ids=row.prompt_token_ids,
-                        output_token_ids=outputs + list(drafts[:j]), eos_token_ids=row.eos_token_ids)
+                        output_token_ids=outputs + list(drafts[:j]), eos_token_ids=row.eos_token_ids,
+                        token_bitmask=bitmasks[j] if bitmasks is not None else None)
             for j in range(len(drafts) + 1)]
 
 
-def verify(sampler: Sampler, logits_KV: torch.Tensor, row: SamplingRow, drafts: Sequence[int]) -> Verified:
-    """Accept a prefix of `drafts` and add one token, given the model's logits at the K + 1 positions."""
+def verify(sampler: Sampler, logits_KV: torch.Tensor, row: SamplingRow, drafts: Sequence[int],
+           bitmasks: Sequence[torch.Tensor] | None = None) -> Verified:
+    """Accept a prefix of `drafts` and add one token, given the model's logits at the K + 1 positions.
+
+    `bitmasks[j]`: a constrained sequence's grammar mask at position j (after drafts[:j]); the drafts must fit
+    the grammar (see `StructuredOutputManager.draft_bitmasks`)."""
     num_drafts = len(drafts)
     if logits_KV.shape[0] != num_drafts + 1:
         raise ValueError(f"need {num_drafts + 1} logits rows for {num_drafts} drafts, got {logits_KV.shape[0]}")
     logits_KV = logits_KV.float()
-    rows = _position_rows(row, drafts)
+    rows = _position_rows(row, drafts, bitmasks)
     processed_KV = sampler.process_logits(logits_KV, rows)
     if row.params.greedy:
         targets = processed_KV.argmax(dim=-1).tolist()

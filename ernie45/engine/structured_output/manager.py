@@ -38,6 +38,7 @@ class StructuredOutputManager:
         self.stop_token_ids = list(stop_token_ids)
         self.backend_name = backend
         self._backend: GrammarBackend | None = None  # built on the first constrained request (vocab scan)
+        self.think_end_id = tokenizer.token_to_id("</think>")
 
     @property
     def backend(self) -> GrammarBackend:
@@ -65,6 +66,27 @@ class StructuredOutputManager:
             requests[i].grammar.fill_bitmask(bitmask_RW, j)
             rows[i] = bitmask_RW[j]
         return rows
+
+    def draft_bitmasks(self, request: Request, drafts: list[int]) -> tuple[list[int], list[torch.Tensor] | None]:
+        """(the longest prefix of `drafts` the grammar allows, the grammar's mask at each of its positions and the
+        one after it). The grammar walks the drafts and is rolled back, so its state is unchanged."""
+        if not is_constrained(request):
+            if request.grammar is not None and self.think_end_id in drafts:
+                # The grammar starts after </think>: drafts past it would go unmasked.
+                drafts = drafts[: drafts.index(self.think_end_id) + 1]
+            return drafts, None
+        grammar = request.grammar
+        bitmask_KW = self.backend.allocate_bitmask(len(drafts) + 1)
+        accepted = 0
+        for j, token in enumerate(drafts):
+            grammar.fill_bitmask(bitmask_KW, j)
+            if grammar.is_terminated() or not grammar.accept_token(token):
+                break
+            accepted = j + 1
+        if accepted == len(drafts):
+            grammar.fill_bitmask(bitmask_KW, accepted)
+        grammar.rollback(accepted)
+        return drafts[:accepted], list(bitmask_KW[: accepted + 1])
 
     @staticmethod
     def accept(request: Request, token: int) -> bool:
