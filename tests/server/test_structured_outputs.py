@@ -206,3 +206,20 @@ def test_bad_constraints_are_400_naming_the_field(client, extra, param):
     error = info.value.body
     assert error["param"] == param, error
     assert error["type"] == "invalid_request_error" and error["message"]
+
+
+def test_unconstrained_requests_keep_their_tokens_beside_constrained_ones(client):
+    def free(seed: int):
+        return client.completions.create(model="tiny-ernie", prompt=f"Story {seed}:", temperature=0, max_tokens=12,
+                                         extra_body={"ignore_eos": True, "return_token_ids": True})
+
+    alone = [free(seed).choices[0].model_extra["token_ids"] for seed in range(4)]
+    with ThreadPoolExecutor(8) as pool:
+        constrained = [pool.submit(client.chat.completions.create, model="tiny-ernie", messages=MESSAGES,
+                                   temperature=1.0, seed=s, max_tokens=400, extra_body={"guided_json": PERSON})
+                       for s in range(4)]
+        mixed = [pool.submit(free, seed) for seed in range(4)]
+        together = [f.result().choices[0].model_extra["token_ids"] for f in mixed]
+        for f in constrained:
+            jsonschema.validate(json.loads(f.result().choices[0].message.content), PERSON)
+    assert together == alone
