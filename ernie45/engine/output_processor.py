@@ -156,7 +156,9 @@ class OutputProcessor:
         metrics = RequestMetrics(arrival_time=group.arrival_time, first_token_time=first,
                                  finish_time=finish if group.finished else None,
                                  num_cached_tokens=max(s.num_cached_tokens for s in group.sequences),
-                                 num_preemptions=sum(s.num_preemptions for s in group.sequences))
+                                 num_preemptions=sum(s.num_preemptions for s in group.sequences),
+                                 num_draft_tokens=sum(s.num_draft_tokens for s in group.sequences),
+                                 num_accepted_tokens=sum(s.num_accepted_tokens for s in group.sequences))
         return RequestOutput(
             request_id=group.request_id, prompt=group.prompt, prompt_token_ids=group.prompt_token_ids,
             outputs=completions, finished=group.finished, metrics=metrics,

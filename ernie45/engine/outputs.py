@@ -42,6 +42,14 @@ class RequestMetrics:
     finish_time: float | None = None
     num_cached_tokens: int = 0
     num_preemptions: int = 0
+    num_draft_tokens: int = 0
+    """Speculative draft tokens verified for the request's sequences."""
+    num_accepted_tokens: int = 0
+    """Of those, the ones accepted."""
+
+    @property
+    def spec_acceptance_rate(self) -> float | None:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else None
 
     @property
     def time_to_first_token(self) -> float | None:

@@ -67,6 +67,18 @@ class _EngineCollector(Collector):
                                  labels=["model_name"])
         rate.add_metric(labels, hits / queries if queries else 0.0)
         yield rate
+        drafts, draft_tokens = stats.get("spec_decode_num_drafts", 0), stats.get("spec_decode_num_draft_tokens", 0)
+        accepted = stats.get("spec_decode_num_accepted_tokens", 0)
+        acceptance = GaugeMetricFamily(_PREFIX + "spec_decode_acceptance_rate",
+                                       "spec_decode_num_accepted_tokens / spec_decode_num_draft_tokens.",
+                                       labels=["model_name"])
+        acceptance.add_metric(labels, accepted / draft_tokens if draft_tokens else 0.0)
+        yield acceptance
+        length = GaugeMetricFamily(_PREFIX + "spec_decode_mean_accepted_length",
+                                   "Tokens per verification step: 1 + accepted / drafts (0 before any draft).",
+                                   labels=["model_name"])
+        length.add_metric(labels, 1 + accepted / drafts if drafts else 0.0)
+        yield length
         queued = GaugeMetricFamily(_PREFIX + "num_requests_queued",
                                    "Sequences waiting in the engine or not yet admitted to it (what --max-queue bounds).",
                                    labels=["model_name"])

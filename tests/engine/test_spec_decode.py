@@ -120,6 +120,8 @@ def test_greedy_output_is_identical_with_and_without_drafts(kind, setting, tiny_
             assert abs(x.logprob - y.logprob) < 1e-3 and [t for t, _ in x.top] == [
                 t for t, _ in y.top]
     stats = engine.stats()
+    assert sum(out.metrics.num_draft_tokens for out in spec.values()) == stats["spec_decode_num_draft_tokens"]
+    assert sum(out.metrics.num_accepted_tokens for out in spec.values()) == stats["spec_decode_num_accepted_tokens"]
     assert stats["spec_decode_num_draft_tokens"] > 0
     assert 0 < stats["spec_decode_num_accepted_tokens"] < stats["spec_decode_num_draft_tokens"]
     if setting == "tiny_kv_pool":
