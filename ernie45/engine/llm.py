@@ -14,6 +14,8 @@ from .llm_engine import LLMEngine
 from .multimodal import split_content_parts
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
+from .structured_output import StructuredOutputsParams
+from .structured_output.tool_calls import forced_tool_call_tag
 
 
 class LLM:
@@ -56,12 +58,25 @@ class LLM:
 
     def chat(self, messages, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              use_tqdm: bool = True, chat_template_kwargs: dict | None = None,
-             add_generation_prompt: bool = True) -> list[RequestOutput]:
+             add_generation_prompt: bool = True, tools: list[dict] | None = None, tool_choice=None,
+             parallel_tool_calls: bool = True) -> list[RequestOutput]:
         """messages: one conversation (list of {"role", "content"}) or a list of conversations. The thinking part
         of each output is split into `outputs[i].reasoning_content`; `text` keeps the answer. With a VL model,
-        content may be a list of OpenAI-style parts (text, image_url, video_url; see `split_content_parts`)."""
+        content may be a list of OpenAI-style parts (text, image_url, video_url; see `split_content_parts`).
+        tools (OpenAI's format) go to the chat template; tool_choice "required" or {"type": "function", "function":
+        {"name": ...}} constrains the output to `<tool_call>` blocks whose arguments follow the tools' schemas."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        kwargs = chat_template_kwargs or {}
+        kwargs = dict(chat_template_kwargs or {})
+        if tools:
+            kwargs.setdefault("tools", tools)
+        if tool_choice == "required" or isinstance(tool_choice, dict):
+            tag = forced_tool_call_tag(tools, tool_choice, parallel_tool_calls)
+            forced = []
+            for params in self._params_list(sampling_params, len(conversations)):
+                params = params.clone()
+                params.structured_outputs = StructuredOutputsParams(structural_tag=tag)
+                forced.append(params)
+            sampling_params = forced
         prompts, requests = [], []
         for conv in conversations:
             data = {}

@@ -3,7 +3,8 @@
 Three dialects are accepted (a request uses one): OpenAI's `response_format` (text, json_object, json_schema,
 structural_tag), vLLM's `structured_outputs` {json, regex, choice, grammar, json_object, structural_tag, ...} and
 FastDeploy's / older vLLM's `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar`. `tool_choice`
-"required" or a named function becomes a structural tag forcing ERNIE's `<tool_call>` blocks (tool_grammar.py).
+"required" or a named function becomes a structural tag forcing ERNIE's `<tool_call>` blocks
+(engine/structured_output/tool_calls.py).
 Every error is a 400 naming the field the client sent.
 """
 
@@ -12,8 +13,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..engine.structured_output import StructuredOutputsParams
+from ..engine.structured_output.tool_calls import ToolChoiceError, forced_tool_call_tag
 from .errors import bad_request
-from .tool_grammar import forced_tool_call_tag
 
 _GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
 
@@ -71,8 +72,11 @@ def structured_outputs_of(req, tools: list | None = None, tool_choice: Any = Non
         if getattr(req, name) is not None:
             found.append((name, _params({kind: getattr(req, name)}, name)))
     if tool_choice == "required" or isinstance(tool_choice, dict):
-        found.append(("tool_choice", _params({"structural_tag": forced_tool_call_tag(
-            tools, tool_choice, parallel_tool_calls is not False)}, "tool_choice")))
+        try:
+            tag = forced_tool_call_tag(tools, tool_choice, parallel_tool_calls is not False)
+        except ToolChoiceError as exc:
+            raise bad_request(str(exc), param=exc.param) from None
+        found.append(("tool_choice", _params({"structural_tag": tag}, "tool_choice")))
     found = [(name, params) for name, params in found if params is not None]
     if len(found) > 1:
         raise bad_request(f"give one output constraint, got {' and '.join(name for name, _ in found)}",

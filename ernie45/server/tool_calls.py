@@ -16,8 +16,7 @@ import json
 import uuid
 from dataclasses import dataclass, field
 
-TOOL_CALL_START = "<tool_call>"
-TOOL_CALL_END = "</tool_call>"
+from ..engine.structured_output.tool_calls import TOOL_CALL_END, TOOL_CALL_START
 
 
 def _held_back(buffer: str) -> int:

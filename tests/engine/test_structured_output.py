@@ -16,9 +16,9 @@ import ernie45
 from ernie45.engine import EngineConfig, LLMEngine, SamplingParams
 from ernie45.engine.structured_output import StructuredOutputsParams, apply_token_bitmask
 from ernie45.engine.structured_output.json_schema import UNENFORCED_KEYWORDS
+from ernie45.engine.structured_output.tool_calls import forced_tool_call_tag
 from ernie45.engine.structured_output.xgrammar_backend import XgrammarBackend, _grammar
 from ernie45.generation.text import stop_ids_for
-from ernie45.server.tool_grammar import forced_tool_call_tag
 
 from .test_engine_vs_model import SETTINGS, mixed_prompts, run_engine
 
@@ -242,3 +242,24 @@ def test_sampled_n_sequences_each_follow_the_schema_and_thinking_stays_free(dens
         reasoning, answer = completion.text.split("</think>", 1)
         assert reasoning.strip(), "the thinking block was generated freely before the answer"
         jsonschema.validate(json.loads(answer), SCHEMA)
+
+
+def test_llm_chat_with_a_forced_tool_call(tiny_dense_checkpoint):
+    from ernie45.engine import LLM
+    from ernie45.server.tool_calls import parse
+
+    tool = {"type": "function", "function": {"name": "lookup", "parameters": {
+        "type": "object", "properties": {"term": {"type": "string", "maxLength": 6}}, "required": ["term"]}}}
+    llm = LLM(str(tiny_dense_checkpoint))
+    params = SamplingParams(temperature=1.0, seed=0, max_tokens=200)
+    outputs = llm.chat([[{"role": "user", "content": f"look up {i}"}] for i in range(4)], params, use_tqdm=False,
+                       tools=[tool], tool_choice={"type": "function", "function": {"name": "lookup"}},
+                       parallel_tool_calls=False)
+    for out in outputs:
+        content, calls = parse(out.outputs[0].text)
+        assert out.outputs[0].finish_reason == "stop" and not content.strip() and len(calls) == 1
+        assert calls[0]["function"]["name"] == "lookup"
+        jsonschema.validate(json.loads(calls[0]["function"]["arguments"]), tool["function"]["parameters"])
+    with pytest.raises(ValueError, match="not in tools"):
+        llm.chat([{"role": "user", "content": "x"}], params, tools=[tool],
+                 tool_choice={"type": "function", "function": {"name": "nope"}})

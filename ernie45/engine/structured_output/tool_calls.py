@@ -13,10 +13,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..engine.structured_output.json_schema import check_json_schema
-from ..engine.structured_output.xgrammar_backend import MAX_JSON_WHITESPACE
-from .errors import bad_request
-from .tool_calls import TOOL_CALL_END, TOOL_CALL_START
+from .json_schema import check_json_schema
+from .xgrammar_backend import MAX_JSON_WHITESPACE
+
+# ERNIE's call markers (server/tool_calls.py parses the same ones).
+TOOL_CALL_START = "<tool_call>"
+TOOL_CALL_END = "</tool_call>"
+
+
+class ToolChoiceError(ValueError):
+    """A tools / tool_choice problem; `param` names the request field (an API server's 400 carries it)."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
 
 
 def _function(tool: Any, index: int) -> tuple[str, dict]:
@@ -24,7 +34,7 @@ def _function(tool: Any, index: int) -> tuple[str, dict]:
     where = f"tools.{index}"
     function = tool.get("function") if isinstance(tool, dict) else None
     if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
-        raise bad_request(f'{where} must be {{"type": "function", "function": {{"name": ..., "parameters": ...}}}}',
+        raise ToolChoiceError(f'{where} must be {{"type": "function", "function": {{"name": ..., "parameters": ...}}}}',
                           param=where)
     parameters = function.get("parameters")
     if parameters is None:
@@ -32,14 +42,14 @@ def _function(tool: Any, index: int) -> tuple[str, dict]:
     try:
         check_json_schema(parameters, f"{where}.function.parameters")
     except ValueError as exc:
-        raise bad_request(str(exc), param=f"{where}.function.parameters") from None
+        raise ToolChoiceError(str(exc), param=f"{where}.function.parameters") from None
     return function["name"], parameters
 
 
 def _chosen_name(tool_choice: Any) -> str:
     function = tool_choice.get("function") if tool_choice.get("type") == "function" else None
     if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-        raise bad_request('tool_choice must be "none", "auto", "required" or {"type": "function", "function": '
+        raise ToolChoiceError('tool_choice must be "none", "auto", "required" or {"type": "function", "function": '
                           '{"name": ...}}', param="tool_choice")
     return function["name"]
 
@@ -47,12 +57,12 @@ def _chosen_name(tool_choice: Any) -> str:
 def forced_tool_call_tag(tools: list | None, tool_choice: Any, parallel: bool) -> dict:
     """The structural tag that admits only calls of the tools `tool_choice` allows."""
     if not tools:
-        raise bad_request(f"tool_choice {tool_choice!r} needs a non-empty tools list", param="tool_choice")
+        raise ToolChoiceError(f"tool_choice {tool_choice!r} needs a non-empty tools list", param="tool_choice")
     functions = dict(_function(tool, i) for i, tool in enumerate(tools))
     if isinstance(tool_choice, dict):
         name = _chosen_name(tool_choice)
         if name not in functions:
-            raise bad_request(f"tool_choice names function {name!r}, which is not in tools "
+            raise ToolChoiceError(f"tool_choice names function {name!r}, which is not in tools "
                               f"({', '.join(functions)})", param="tool_choice")
         functions = {name: functions[name]}
     calls = [{"type": "object", "properties": {"name": {"const": name}, "arguments": parameters},
