@@ -24,7 +24,7 @@ from .paged_attention import KVCache
 from .request import Request, RequestStatus
 from .sampler import Sampler, SamplerOutput, SamplingRow
 from .sampling_params import SamplingParams
-from .scheduler import Scheduler
+from .scheduler import ScheduledBatch, Scheduler
 from .spec_decode import SpecDecodeStats, SpeculativeConfig, propose_ngram, verify
 from .stop_checker import StopChecker
 from .structured_output import StructuredOutputManager
@@ -163,6 +163,21 @@ class LLMEngine:
         for request, _ in batch.requests:
             if request.request_id in prompt_logits:
                 self.outputs.record_prompt_logprobs(request, prompt_logits[request.request_id])
+        sampled_token_ids, num_rejected, token_logprobs = self._tokens_of_step(batch, logits, rows)
+        now = time.time()
+
+        def on_token(request: Request, token: int) -> RequestStatus | None:
+            logprob, top = token_logprobs[request.request_id].pop(0)
+            return self.outputs.on_token(request, token, float(logprob), top, now)
+
+        progressed = self.scheduler.update_from_output(batch, sampled_token_ids, on_token, num_rejected)
+        if self.speculative_config is not None:
+            self._propose_drafts()
+        return self.outputs.step_outputs(progressed)
+
+    def _tokens_of_step(self, batch: ScheduledBatch, logits: torch.Tensor, rows: list[int]):
+        """Per batch row: its new tokens (one sampled, or accepted drafts + one), its rejected draft count, and per
+        request the (logprob, top logprobs) of each new token. Rows verifying k drafts own k + 1 logits rows."""
         sampled_token_ids: list[list[int]] = [[] for _ in batch.requests]
         num_rejected = [0] * len(batch.requests)
         token_logprobs: dict[str, list] = {}  # request id -> (logprob, top logprobs) of each of its new tokens
@@ -191,16 +206,7 @@ class LLMEngine:
             for j, (i, _) in enumerate(plain):
                 sampled_token_ids[i] = [int(result.token_ids[j])]
                 token_logprobs[batch.requests[i][0].request_id] = [(result.logprobs[j], result.top_logprobs[j])]
-        now = time.time()
-
-        def on_token(request: Request, token: int) -> RequestStatus | None:
-            logprob, top = token_logprobs[request.request_id].pop(0)
-            return self.outputs.on_token(request, token, float(logprob), top, now)
-
-        progressed = self.scheduler.update_from_output(batch, sampled_token_ids, on_token, num_rejected)
-        if self.speculative_config is not None:
-            self._propose_drafts()
-        return self.outputs.step_outputs(progressed)
+        return sampled_token_ids, num_rejected, token_logprobs
 
     def _propose_drafts(self) -> None:
         """Draft the next tokens of every decoding sequence, unless the batch is too large to gain from it."""
