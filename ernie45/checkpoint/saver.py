@@ -77,6 +77,10 @@ def save_model(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         _write(model, tmp, tokenizer, max_shard_bytes, layout)
+        # mkdtemp made it 0700: the checkpoint gets the mode a plain mkdir would give (others can serve it).
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -48,6 +48,15 @@ def test_round_trip_released_layout(saved):
     assert torch.equal(logits(ernie45.load_model(path)), logits(model))
 
 
+def test_saved_directory_has_the_mode_mkdir_gives(saved):
+    import os
+
+    _, path = saved
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700: other users can serve it
+
+
 def test_sharded_save_and_load(tmp_path):
     model = make_model()
     ernie45.save_model(model, tmp_path / "ckpt", max_shard_bytes=4096)
