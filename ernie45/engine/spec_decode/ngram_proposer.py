@@ -10,20 +10,23 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 
 def propose_ngram(token_ids: Sequence[int], k: int, min_n: int, max_n: int) -> list[int]:
     """Up to k draft tokens continuing `token_ids` (empty when no n-gram of the tail occurs earlier)."""
-    total = len(token_ids)
+    ids = np.asarray(token_ids, dtype=np.int64)
+    total = len(ids)
     for n in range(min(max_n, total - 1), min_n - 1, -1):
-        tail = list(token_ids[total - n:])
-        best: list[int] = []
-        # The latest earlier match with k tokens after it, else the latest match: scan backwards.
-        for start in range(total - n - 1, -1, -1):
-            if token_ids[start] == tail[0] and list(token_ids[start:start + n]) == tail:
-                follow = list(token_ids[start + n:start + n + k])
-                if len(follow) == k:
-                    return follow
-                best = best or follow
-        if best:
-            return best
+        # Starts s in [0, total - n - 1] where ids[s : s + n] equals the last n tokens: n vectorised comparisons.
+        last_start = total - n - 1
+        match = ids[: last_start + 1] == ids[total - n]
+        for j in range(1, n):
+            match &= ids[j : last_start + 1 + j] == ids[total - n + j]
+        starts = np.flatnonzero(match)
+        if starts.size == 0:
+            continue
+        full = starts[starts <= total - n - k]  # followed by k tokens
+        start = int(full[-1]) if full.size else int(starts[-1])
+        return ids[start + n : start + n + k].tolist()
     return []
