@@ -223,3 +223,16 @@ def test_unconstrained_requests_keep_their_tokens_beside_constrained_ones(client
         for f in constrained:
             jsonschema.validate(json.loads(f.result().choices[0].message.content), PERSON)
     assert together == alone
+
+
+def test_compiled_grammars_are_cached_across_requests(client, server):
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["n"]}
+    before = server.metrics()
+    _many(client, count=6, max_completion_tokens=60, extra_body={"guided_json": schema})
+    after = server.metrics()
+    compiles = after["ernie45:structured_output_grammar_compiles_total"] - before.get(
+        "ernie45:structured_output_grammar_compiles_total", 0)
+    hits = after["ernie45:structured_output_grammar_cache_hits_total"] - before.get(
+        "ernie45:structured_output_grammar_cache_hits_total", 0)
+    assert compiles == 1 and hits == 5  # one compile for six requests with the same schema
