@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .loader import read_optional_json
+
 
 def _vocab(source: Path, vocab_size: int, gguf) -> tuple[list[bytes], list[float], list[int]]:
     from sentencepiece import SentencePieceProcessor
@@ -56,13 +58,7 @@ def _vocab(source: Path, vocab_size: int, gguf) -> tuple[list[bytes], list[float
 
 
 def _tokenizer_config(source: Path) -> dict:
-    path = source / "tokenizer_config.json"
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON (line {exc.lineno}): {exc.msg}") from exc
+    return read_optional_json(source / "tokenizer_config.json")
 
 
 def add_space_prefix(source: Path) -> bool:

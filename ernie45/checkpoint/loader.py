@@ -142,7 +142,7 @@ def load_model(model: str | Path, dtype: str | torch.dtype | None = "auto", devi
                  lambda target, params: layout.skip(target, params, config))
     net.eval()
     net.source_dir = directory
-    net.generation_config = _read_generation_config(directory)
+    net.generation_config = read_optional_json(directory / "generation_config.json")
     return net
 
 
@@ -224,8 +224,8 @@ def _fully_filled(name: str, param: torch.Tensor, slots: set | None) -> bool:
     return True
 
 
-def _read_generation_config(directory: Path) -> dict:
-    path = directory / "generation_config.json"
+def read_optional_json(path: Path) -> dict:
+    """A checkpoint's optional JSON file ({} when absent); malformed JSON raises naming the file and line."""
     if not path.is_file():
         return {}
     try:

@@ -6,7 +6,6 @@ the model plus one shard), written to a temporary sibling directory and swapped 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -17,7 +16,7 @@ from safetensors.torch import save_file
 from ..models.registry import spec_for
 from .loader import INDEX_FILE
 from .paddle_layout import PaddleLayout
-from .saver import _DTYPE_NAMES, _TOKENIZER_FILES, DEFAULT_MAX_SHARD_BYTES, _replace_dir
+from .saver import _DTYPE_NAMES, DEFAULT_MAX_SHARD_BYTES, publish_dir, write_tokenizer
 
 PADDLE_METADATA = {"format": "np"}
 
@@ -56,11 +55,8 @@ def save_paddle(model: torch.nn.Module, out_dir: str | Path, tokenizer=None,
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             generation.setdefault(key, getattr(model.config, key))
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
-        _write_tokenizer(tokenizer if tokenizer is not None else getattr(model, "source_dir", None), tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it 0700; the output gets the mode mkdir would give
-        _replace_dir(tmp, out_dir)
+        write_tokenizer(tokenizer if tokenizer is not None else getattr(model, "source_dir", None), tmp)
+        publish_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -94,13 +90,3 @@ def _write_tensors(layout: PaddleLayout, params: dict[str, torch.Tensor], tmp: P
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
-
-def _write_tokenizer(source, tmp: Path) -> None:
-    if source is None:
-        return
-    if hasattr(source, "save_pretrained"):
-        source.save_pretrained(tmp)
-        return
-    for name in _TOKENIZER_FILES:
-        if (Path(source) / name).is_file():
-            shutil.copy2(Path(source) / name, tmp / name)

@@ -77,11 +77,7 @@ def save_model(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         _write(model, tmp, tokenizer, max_shard_bytes, layout)
-        # mkdtemp made it 0700: the checkpoint gets the mode a plain mkdir would give (others can serve it).
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
-        _replace_dir(tmp, out_dir)
+        publish_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -113,15 +109,28 @@ def _write(model, tmp: Path, tokenizer, max_shard_bytes: int, layout: str) -> No
         generation.setdefault(key, getattr(text_config, key))
     (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
 
-    source = tokenizer if tokenizer is not None else getattr(model, "source_dir", None)
+    write_tokenizer(tokenizer if tokenizer is not None else getattr(model, "source_dir", None), tmp)
+
+
+def write_tokenizer(source, directory: Path) -> None:
+    """The tokenizer into `directory`: `source.save_pretrained`, or its files copied from a directory; None: none."""
     if source is None:
         return
     if hasattr(source, "save_pretrained"):
-        source.save_pretrained(tmp)
+        source.save_pretrained(directory)
         return
     for name in _TOKENIZER_FILES:
         if (Path(source) / name).is_file():
-            shutil.copy2(Path(source) / name, tmp / name)
+            shutil.copy2(Path(source) / name, directory / name)
+
+
+def publish_dir(tmp: Path, target: Path) -> None:
+    """Give a finished temporary directory the mode mkdir would (mkdtemp made it 0700, so no other user or service
+    could serve it), then swap it into place atomically."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    _replace_dir(tmp, target)
 
 
 def _replace_dir(new: Path, target: Path) -> None:

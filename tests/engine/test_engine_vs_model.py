@@ -26,15 +26,20 @@ def mixed_prompts(vocab: int, count: int = 16, seed: int = 0) -> list[list[int]]
     return [[rng.randrange(3, vocab) for _ in range(n)] for n in lengths]
 
 
-def run_engine(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams) -> dict[str, list[int]]:
+def run_outputs(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams) -> dict:
+    """Request id ("0", "1", ...) -> its final RequestOutput."""
     for i, ids in enumerate(prompts):
         engine.add_request(str(i), {"prompt_token_ids": ids}, params)
     results = {}
     while engine.has_unfinished_requests():
         for out in engine.step():
             if out.finished:
-                results[out.request_id] = out.outputs[0].token_ids
+                results[out.request_id] = out
     return results
+
+
+def run_engine(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams) -> dict[str, list[int]]:
+    return {key: out.outputs[0].token_ids for key, out in run_outputs(engine, prompts, params).items()}
 
 
 SETTINGS = {

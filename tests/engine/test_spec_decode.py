@@ -15,6 +15,7 @@ from ernie45.engine.sampler import Sampler, SamplingRow
 from ernie45.engine.spec_decode import SpeculativeConfig, propose_ngram, verify
 
 from .test_engine_vs_model import SETTINGS
+from .test_engine_vs_model import run_outputs as run
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "disable_by_batch_size": None}
 
@@ -87,17 +88,6 @@ def repetitive_prompts(vocab: int, count: int, seed: int = 0) -> list[list[int]]
         phrase = [rng.randrange(3, vocab) for _ in range(rng.randrange(3, 9))]
         prompts.append((phrase * 40)[: [9, 150, 40, 70, 20, 120, 33, 90][i % 8]])
     return prompts
-
-
-def run(engine: LLMEngine, prompts, params: SamplingParams) -> dict[str, object]:
-    for i, ids in enumerate(prompts):
-        engine.add_request(str(i), {"prompt_token_ids": ids}, params)
-    results = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                results[out.request_id] = out
-    return results
 
 
 @pytest.mark.parametrize("setting", SETTINGS)
