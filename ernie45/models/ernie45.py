@@ -71,16 +71,28 @@ class Ernie45Model(nn.Module):
         )
         self.norm = RMSNorm(H, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.compression_ratio)
-        self.num_mtp_layers = num_mtp_layers
+        self.num_mtp_layers = 0
         if num_mtp_layers:
-            # MTP attention layers come after the main stack in a KV cache: layer index num_hidden_layers + d.
-            L = config.num_hidden_layers
-            self.mtp_emb_norm = nn.ModuleList(RMSNorm(H, config.rms_norm_eps) for _ in range(num_mtp_layers))
-            self.mtp_hidden_norm = nn.ModuleList(RMSNorm(H, config.rms_norm_eps) for _ in range(num_mtp_layers))
-            self.mtp_linear_proj = nn.ModuleList(
-                Linear(2 * H, H, bias=config.use_bias) for _ in range(num_mtp_layers)
-            )
-            self.mtp_block = nn.ModuleList(DecoderLayer(config, L + d, moe=False) for d in range(num_mtp_layers))
+            self.add_mtp_layers(num_mtp_layers)
+
+    def add_mtp_layers(self, num_mtp_layers: int) -> None:
+        """Grow to `num_mtp_layers` MTP depths; the new ones take the embedding's device and dtype and hold
+        uninitialised weights (a trainer initialises them: training/mtp_layers.py)."""
+        config, H = self.config, self.config.hidden_size
+        if num_mtp_layers <= self.num_mtp_layers:
+            return
+        if not self.num_mtp_layers:
+            self.mtp_emb_norm, self.mtp_hidden_norm = nn.ModuleList(), nn.ModuleList()
+            self.mtp_linear_proj, self.mtp_block = nn.ModuleList(), nn.ModuleList()
+        # MTP attention layers come after the main stack in a KV cache: layer index num_hidden_layers + d.
+        L = config.num_hidden_layers
+        where = dict(device=self.embed_tokens.weight.device, dtype=self.embed_tokens.weight.dtype)
+        for d in range(self.num_mtp_layers, num_mtp_layers):
+            self.mtp_emb_norm.append(RMSNorm(H, config.rms_norm_eps).to(**where))
+            self.mtp_hidden_norm.append(RMSNorm(H, config.rms_norm_eps).to(**where))
+            self.mtp_linear_proj.append(Linear(2 * H, H, bias=config.use_bias).to(**where))
+            self.mtp_block.append(DecoderLayer(config, L + d, moe=False).to(**where))
+        self.num_mtp_layers = num_mtp_layers
 
     def forward(
         self,

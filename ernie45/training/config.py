@@ -165,6 +165,11 @@ class TrainConfig:
     """Denominator of the token-balanced loss (0: max_seq_len * batch_size)."""
     multi_token_pred_lambda: float = 0.3
     """Weight of the MTP loss when the model has MTP layers."""
+    num_nextn_predict_layers: int | None = None
+    """MTP depths to train (None: the checkpoint's own). More than the checkpoint has adds fresh MTP layers."""
+    mtp_only: bool = False
+    """Train only the MTP layers: the base model (embedding, final norm and LM head included) stays fixed, so its
+    outputs are unchanged and the trained head drafts for speculative decoding."""
     # ### LoRA
     lora_rank: int = 8
     """LoRA rank r."""
@@ -292,6 +297,15 @@ class TrainConfig:
             raise bad("train_dataset_type", "stage VL-SFT reads multimodal chatml messages: use train_dataset_type: chatml")
         if self.stage == "VL-SFT" and self.qat:
             raise bad("qat", "QAT of VL models is not implemented (stage VL-SFT)")
+        if self.num_nextn_predict_layers is not None and self.num_nextn_predict_layers < 0:
+            raise bad("num_nextn_predict_layers", f"must be >= 0, got {self.num_nextn_predict_layers}")
+        if self.mtp_only:
+            if self.stage not in ("PT", "SFT"):
+                raise bad("mtp_only", f"trains the MTP head on PT or SFT data, not stage {self.stage}")
+            if self.fine_tuning != "Full" or self.qat:
+                raise bad("mtp_only", "trains the MTP layers' full weights: use fine_tuning: Full without qat")
+            if self.multi_token_pred_lambda <= 0:
+                raise bad("mtp_only", "needs multi_token_pred_lambda > 0 (the MTP loss is all it trains)")
         if self.freeze_vision and self.stage != "VL-SFT":
             raise bad("freeze_vision", "only applies to stage VL-SFT")
 

@@ -31,9 +31,10 @@ from ..quant.qat import convert_qat
 from ..tokenizer import load_tokenizer
 from . import distributed as D
 from .checkpointing import load_checkpoint, resolve_resume, save_checkpoint
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .lora import adapter_state_dict, apply_lora, peft_mismatch, save_adapter
 from .metrics import MetricsLogger
+from .mtp_layers import add_mtp_layers, freeze_all_but_mtp
 from .optim import build_optimizer, build_scheduler, optimizer_step
 from .plot import plot_run
 from .task import task_for
@@ -81,6 +82,13 @@ class Trainer:
         if model_transform is not None:
             model_transform(base, cfg)
         task_class.prepare_model(base, cfg)
+        if cfg.num_nextn_predict_layers and cfg.num_nextn_predict_layers > base.model.num_mtp_layers:
+            if not spec_for(base).supports_mtp:
+                raise ConfigError(f"num_nextn_predict_layers: {source} is a {base.config.model_type} model, which "
+                                  f"has no MTP layers")
+            add_mtp_layers(base, cfg.num_nextn_predict_layers, cfg.seed)
+        if cfg.mtp_only and not freeze_all_but_mtp(base):
+            raise ConfigError(f"mtp_only: {source} has no MTP layers; set num_nextn_predict_layers: 1 to add one")
         self.lora = cfg.fine_tuning == "LoRA"
         if self.lora:
             apply_lora(base, cfg.target_modules, cfg.lora_rank, cfg.lora_scale_alpha, cfg.lora_dropout, cfg.seed)
@@ -236,6 +244,8 @@ class Trainer:
                 self.tokenizer.save_pretrained(tmp)
             else:
                 model = load_model(self.source_dir, dtype="float32")
+                if self.base.model.num_mtp_layers > model.model.num_mtp_layers:
+                    add_mtp_layers(model, self.base.model.num_mtp_layers)  # weights come from `sd` below
                 missing, unexpected = model.load_state_dict(sd, strict=False)
                 if [k for k in missing if k != "lm_head.weight"] or unexpected:
                     raise RuntimeError(f"final weights do not match the model: missing {missing}, unexpected {unexpected}")
