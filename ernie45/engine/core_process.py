@@ -28,6 +28,7 @@ from .engine_config import EngineConfig
 logger = logging.getLogger("ernie45.engine.core")
 
 _IDLE_POLL_MS = 500  # how often an idle core checks that its client is still alive
+_CONNECTOR_POLL_MS = 2  # how often a core with a KV fetch in flight looks for its result
 
 
 @dataclass
@@ -43,6 +44,8 @@ class CoreLaunch:
     """torch CPU threads of the core (None: torch's choice)."""
     tokenizer: str | None = None
     log_level: str = "INFO"
+    disagg: object | None = None
+    """Prefill/decode disaggregation settings (`ernie45.disagg.DisaggConfig`); None: a plain mixed instance."""
 
 
 def encode(message: tuple) -> bytes:
@@ -82,12 +85,21 @@ def run_engine_core(launch: CoreLaunch, input_address: str, output_address: str,
     try:
         try:
             engine = build_engine(launch)
+            connector = None
+            if launch.disagg is not None:
+                from ..disagg.core import DisaggCore
+
+                connector = DisaggCore(engine, launch.disagg, lambda message: outbox.send(encode(message)))
         except Exception as exc:  # reported to the client, which raises it where the user sees it
             logger.exception("the engine core could not start")
             outbox.send(encode(("failed", type(exc).__name__, str(exc))))
             return
         outbox.send(encode(("ready", ModelInfo.of_engine(engine), engine.stats())))
-        EngineCoreLoop(engine, inbox, outbox, parent_pid).run()
+        try:
+            EngineCoreLoop(engine, inbox, outbox, parent_pid, connector).run()
+        finally:
+            if connector is not None:
+                connector.close()
     finally:
         outbox.close(linger=2000)
         inbox.close(linger=0)
@@ -95,8 +107,10 @@ def run_engine_core(launch: CoreLaunch, input_address: str, output_address: str,
 
 
 class EngineCoreLoop:
-    def __init__(self, engine, inbox, outbox, parent_pid: int):
+    def __init__(self, engine, inbox, outbox, parent_pid: int, connector=None):
         self.engine = engine
+        self.connector = connector
+        """ernie45.disagg.core.DisaggCore (KV export / import, role) or None."""
         self.inbox = inbox
         self.outbox = outbox
         self.parent_pid = parent_pid
@@ -105,7 +119,10 @@ class EngineCoreLoop:
     def run(self) -> None:
         while not self.stopping:
             busy = self.engine.has_unfinished_requests()
-            self._take_messages(wait_ms=0 if busy else _IDLE_POLL_MS)
+            fetching = self.connector is not None and self.connector.busy
+            self._take_messages(wait_ms=0 if busy else _CONNECTOR_POLL_MS if fetching else _IDLE_POLL_MS)
+            if self.connector is not None and self.connector.poll():
+                self.outbox.send(encode(("stats", self._stats())))  # freed blocks show on /metrics while idle
             if os.getppid() != self.parent_pid:
                 logger.warning("the client process is gone; the engine core exits")
                 return
@@ -117,7 +134,9 @@ class EngineCoreLoop:
                 logger.exception("engine step failed; aborting the running requests")
                 self._fail_running(f"engine step failed: {exc}")
                 continue
-            self.outbox.send(encode(("outputs", outputs, self.engine.stats())))
+            if self.connector is not None:
+                self.connector.after_step(outputs)
+            self.outbox.send(encode(("outputs", outputs, self._stats())))
         for request_id in list(self.engine.outputs.groups):
             self.engine.abort_request(request_id)
 
@@ -128,7 +147,13 @@ class EngineCoreLoop:
             self._handle(decode(self.inbox.recv()))
             handled = True
         if handled and not self.stopping:
-            self.outbox.send(encode(("stats", self.engine.stats())))
+            self.outbox.send(encode(("stats", self._stats())))
+
+    def _stats(self) -> dict:
+        stats = self.engine.stats()
+        if self.connector is not None:
+            stats.update(self.connector.stats())
+        return stats
 
     def _handle(self, message: tuple) -> None:
         kind = message[0]
@@ -142,6 +167,8 @@ class EngineCoreLoop:
             self.engine.abort_request(message[1])
         elif kind == "shutdown":
             self.stopping = True
+        elif self.connector is not None and self.connector.handles(kind):
+            self.connector.handle(message)
         else:
             logger.error("unknown message %r from the client", kind)
 

@@ -159,3 +159,5 @@ class MPEngineClient(EngineClient):
         elif kind == "error":
             _, request_id, error_type, text = message
             self._deliver(request_id, _ERROR_TYPES.get(error_type, RuntimeError)(text))
+        elif kind == "reply":  # an answer to a keyed control message (ernie45.disagg.routes)
+            self._deliver(message[1], message[2])

@@ -41,7 +41,31 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-web-ui", dest="web_ui", action="store_false",
                    help="do not serve the chat page at GET / (then / is a 404 like any unknown path)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_disagg_arguments(p)
     add_engine_arguments(p)
+
+
+def add_disagg_arguments(p: argparse.ArgumentParser) -> None:
+    from ..disagg import ROLES
+
+    g = p.add_argument_group("disaggregation", "prefill/decode roles behind `ernie45 router` (ernie45.disagg)")
+    g.add_argument("--role", default="mixed", choices=ROLES,
+                   help="prefill: compute prompts and export their KV; decode: import KV and generate; mixed: both "
+                        "(default; no KV transfer server unless --kv-port is given)")
+    g.add_argument("--kv-host", default="127.0.0.1", help="address of the KV transfer server")
+    g.add_argument("--kv-port", type=int, default=None, help="its TCP port (default: one the OS picks)")
+    g.add_argument("--kv-export-timeout", type=float, default=30.0,
+                   help="seconds an exported KV waits to be fetched before its blocks are freed")
+
+
+def disagg_config_from_args(args: argparse.Namespace):
+    """A DisaggConfig for prefill / decode instances (and a mixed one given --kv-port), else None."""
+    from ..disagg import DisaggConfig
+
+    if args.role == "mixed" and args.kv_port is None:
+        return None
+    return DisaggConfig(role=args.role, kv_host=args.kv_host, kv_port=args.kv_port or 0,
+                        export_timeout_s=args.kv_export_timeout)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -61,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     launch = CoreLaunch(model=str(resolve_model_argument(args.model)), dtype=args.dtype,
                         engine_config=engine_config_from_args(args), threads=args.threads,
-                        log_level=args.log_level)
+                        log_level=args.log_level, disagg=disagg_config_from_args(args))
     front = MPEngineClient(launch, startup_timeout=900.0)
     tokenizer = front.inputs.tokenizer
     model_root = str(front.model_info.source_dir)
@@ -70,6 +94,10 @@ def run(args: argparse.Namespace) -> int:
                         api_key=args.api_key, max_queue=args.max_queue, model_root=model_root,
                         max_images_per_prompt=args.limit_images, max_videos_per_prompt=args.limit_videos,
                         allowed_local_media_path=args.allowed_local_media_path, web_ui=args.web_ui)
+        if launch.disagg is not None:
+            from ..disagg.routes import mount_disagg
+
+            mount_disagg(app, front, args.served_model_name or args.model or "ernie45")
         if args.web_ui:
             logging.getLogger("ernie45.server").info("chat page: http://%s:%d/ (--no-web-ui turns it off)",
                                                      args.host, args.port)
