@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..server import serve as server_cli
-from . import bench_cmd, chat_cmd, convert_cmd, export_cmd, generate_cmd, plot_cmd, quantize_cmd, train_cmd
+from . import bench_cmd, chat_cmd, convert_cmd, export_cmd, generate_cmd, plot_cmd, quantize_cmd, router_cmd, train_cmd
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("plot", plot_cmd, "plot the loss curves of a training run"),
         ("quantize", quantize_cmd, "weight-only int8/int4/2-bit quantization into a packed checkpoint"),
         ("bench", bench_cmd, "benchmark a server (serve) or the offline engine (throughput, latency), as vllm bench"),
+        ("router", router_cmd, "OpenAI-compatible router over prefill / decode / mixed serve instances"),
     ):
         cmd = sub.add_parser(name, help=help_text)
         module.add_arguments(cmd)
