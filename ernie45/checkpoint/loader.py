@@ -88,12 +88,16 @@ def _open(file: Path):
         raise ValueError(f"{file}: cannot read safetensors file (truncated or corrupt?): {exc}") from exc
 
 
-def build_empty_model(config, dtype: torch.dtype = torch.float32, num_mtp_layers: int = 0, device="cpu"):
+def build_empty_model(config, dtype: torch.dtype = torch.float32, num_mtp_layers: int = 0, device="cpu",
+                      transform: Callable[[torch.nn.Module], None] | None = None):
     """The model of `config`'s family (`models.registry`) with uninitialised weights in `dtype` (the spec's fp32
-    parameters in fp32) on `device`, built via meta."""
+    parameters in fp32) on `device`, built via meta. `transform(model)` runs on the meta model first (a
+    tensor-parallel rank swaps in its slices there: `parallel.sharding`)."""
     spec = spec_for(config)
     with torch.device("meta"):
         model = spec.model_class(config, num_mtp_layers)
+        if transform is not None:
+            transform(model)
     for name, p in model.named_parameters():
         p.data = p.data.to(torch.float32 if spec.keeps_fp32(name) else dtype)
     model.to_empty(device=device)

@@ -59,13 +59,13 @@ def decode(data: bytes) -> tuple:
 def build_engine(launch: CoreLaunch):
     import torch
 
-    from ..checkpoint import load_model
+    from ..parallel import load_engine_model
     from ..tokenizer import load_tokenizer
     from .llm_engine import LLMEngine
 
     if launch.threads:
         torch.set_num_threads(launch.threads)
-    model = load_model(launch.model, dtype=launch.dtype, device=launch.device)
+    model = load_engine_model(launch.model, launch.dtype, launch.device, launch.engine_config)
     tokenizer = load_tokenizer(launch.tokenizer or model.source_dir)
     return LLMEngine(model, tokenizer, launch.engine_config)
 
@@ -133,6 +133,8 @@ class EngineCoreLoop:
             except Exception as exc:  # a failed step fails its requests; the core keeps serving
                 logger.exception("engine step failed; aborting the running requests")
                 self._fail_running(f"engine step failed: {exc}")
+                if getattr(exc, "engine_unusable", False):  # a tensor-parallel worker died: exit, /health fails
+                    return
                 continue
             if self.connector is not None:
                 self.connector.after_step(outputs)

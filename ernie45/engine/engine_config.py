@@ -47,6 +47,25 @@ class EngineConfig:
     structured_outputs_backend: str = "xgrammar"
     """Grammar library for structured output (JSON schema, regex, choice, grammar); vLLM's and FastDeploy's
     default."""
+    tensor_parallel_size: int = 1
+    """Processes that split each layer's heads, MLP width and vocabulary (torch.distributed: gloo on CPU, NCCL on
+    CUDA); each holds about 1/N of the weights and of the KV cache."""
+    enable_expert_parallel: bool = False
+    """MoE: place the routed experts across the tensor-parallel ranks (whole experts per rank) instead of
+    splitting every expert's width."""
+    expert_placement: str = "linear"
+    """With enable_expert_parallel: "linear" (rank r holds a contiguous block of experts) or "round_robin"
+    (expert e on rank e % N)."""
+    data_parallel_size: int = 1
+    """Engine replicas behind one server, each with its own KV cache; requests go to the least loaded."""
+    nnodes: int = 1
+    """Machines the tensor-parallel ranks span (ranks split evenly; node 0 runs the engine and the server)."""
+    node_rank: int = 0
+    """This machine's index in [0, nnodes); nodes other than 0 only run tensor-parallel workers."""
+    master_addr: str = "127.0.0.1"
+    """Address of node 0, where the ranks meet (torch.distributed's rendezvous)."""
+    master_port: int | None = None
+    """TCP port of the rendezvous on master_addr; None picks a free one (one node only)."""
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -62,6 +81,9 @@ class EngineConfig:
         if self.structured_outputs_backend not in STRUCTURED_OUTPUTS_BACKENDS:
             raise ValueError(f"structured_outputs_backend must be one of {', '.join(STRUCTURED_OUTPUTS_BACKENDS)}, "
                              f"got {self.structured_outputs_backend!r}")
+        from ..parallel.config import check_parallel_fields
+
+        check_parallel_fields(self)
 
 
 def field_docs(cls) -> dict[str, str]:

@@ -6,7 +6,7 @@ import dataclasses
 import itertools
 from collections.abc import Sequence
 
-from ..checkpoint import load_model
+from ..parallel import load_engine_model
 from ..default_model import resolve_model_argument
 from ..tokenizer import ReasoningParser, load_tokenizer
 from .engine_config import EngineConfig
@@ -30,7 +30,7 @@ class LLM:
         if unknown:
             raise TypeError(f"LLM() got unknown arguments {unknown}; engine arguments are {sorted(known)}")
         config = EngineConfig(**engine_args)
-        self.model = load_model(resolve_model_argument(model), dtype=dtype, device=device)
+        self.model = load_engine_model(resolve_model_argument(model), dtype, device, config)
         self.tokenizer = load_tokenizer(tokenizer or self.model.source_dir)
         self.engine = LLMEngine(self.model, self.tokenizer, config)
         self._ids = itertools.count()

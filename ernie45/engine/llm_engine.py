@@ -38,7 +38,9 @@ class LLMEngine:
         mcfg = model.config
         self.max_model_len = config.max_model_len or min(mcfg.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
         num_layers = mcfg.num_hidden_layers
-        block_bytes = KVCache.bytes_per_block(num_layers, config.block_size, mcfg.num_key_value_heads,
+        # A tensor-parallel rank caches only its KV heads (ernie45.parallel.sharding).
+        num_kv_heads = getattr(model, "kv_heads_per_rank", None) or mcfg.num_key_value_heads
+        block_bytes = KVCache.bytes_per_block(num_layers, config.block_size, num_kv_heads,
                                               mcfg.head_dim, model.dtype)
         num_blocks = config.num_kv_blocks
         if num_blocks is None:
@@ -54,7 +56,7 @@ class LLMEngine:
                 f"lower max_model_len"
             )
         self.num_kv_blocks = num_blocks
-        self.cache = KVCache(num_layers, num_blocks, config.block_size, mcfg.num_key_value_heads, mcfg.head_dim,
+        self.cache = KVCache(num_layers, num_blocks, config.block_size, num_kv_heads, mcfg.head_dim,
                              model.dtype, model.device)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
