@@ -52,3 +52,36 @@ def test_worker_dying_inside_a_step_fails_cleanly(tiny_dense_checkpoint, one_thr
         assert len(steps) == 3
     finally:
         shutdown(llm.model)
+
+
+def test_served_engine_fails_requests_and_reports_unhealthy(tiny_dense_checkpoint):
+    """`ernie45 serve`'s path: the engine core process is rank 0; when its worker dies the request ends with an
+    error and the core exits, so the client's `is_running` (the server's /health) turns False."""
+    import asyncio
+    import os
+    import signal
+
+    from ernie45.engine import CoreLaunch, EngineConfig, MPEngineClient
+
+    config = EngineConfig(tensor_parallel_size=2, **ENGINE)
+    client = MPEngineClient(CoreLaunch(model=str(tiny_dense_checkpoint), threads=1, engine_config=config))
+    try:
+        core_pid = client.process.pid
+        with open(f"/proc/{core_pid}/task/{core_pid}/children") as f:
+            workers = [int(pid) for pid in f.read().split()]
+        assert len(workers) == 1
+
+        async def one():
+            return [o async for o in client.generate(PROMPTS[0], GREEDY)]
+
+        assert asyncio.run(one())[-1].finished
+        os.kill(workers[0], signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(RuntimeError):
+            asyncio.run(one())
+        while client.is_running and time.monotonic() - start < 10:
+            time.sleep(0.05)
+        assert not client.is_running
+        assert time.monotonic() - start < 10
+    finally:
+        client.shutdown()
