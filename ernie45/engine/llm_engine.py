@@ -25,7 +25,7 @@ from .request import Request, RequestStatus
 from .sampler import Sampler, SamplerOutput, SamplingRow
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledBatch, Scheduler
-from .spec_decode import SpecDecodeStats, SpeculativeConfig, propose_ngram, verify
+from .spec_decode import MtpProposer, SpecDecodeStats, SpeculativeConfig, propose_ngram, verify
 from .stop_checker import StopChecker
 from .structured_output import StructuredOutputManager
 
@@ -37,7 +37,11 @@ class LLMEngine:
         self.config = config = config or EngineConfig()
         mcfg = model.config
         self.max_model_len = config.max_model_len or min(mcfg.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
-        num_layers = mcfg.num_hidden_layers
+        self.speculative_config = spec = SpeculativeConfig.of(config.speculative_config)
+        if spec is not None and spec_for(model).is_multimodal:
+            raise ValueError("speculative_config: speculative decoding does not support VL models yet")
+        # The MTP head's attention keeps its KV in one more layer of the same blocks (index num_hidden_layers).
+        num_layers = mcfg.num_hidden_layers + (1 if spec is not None and spec.uses_mtp else 0)
         # A tensor-parallel rank caches only its KV heads (ernie45.parallel.sharding).
         num_kv_heads = getattr(model, "kv_heads_per_rank", None) or mcfg.num_key_value_heads
         block_bytes = KVCache.bytes_per_block(num_layers, config.block_size, num_kv_heads,
@@ -61,12 +65,11 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.enable_prefix_caching)
-        self.runner = ModelRunner(model, self.cache, self.block_manager.block_table)
+        uses_mtp = spec is not None and spec.uses_mtp
+        self.runner = ModelRunner(model, self.cache, self.block_manager.block_table, keep_hidden=uses_mtp)
+        self.mtp = MtpProposer(model, self.runner, self.block_manager, spec) if uses_mtp else None
         self.sampler = Sampler()
         self.eos_token_ids = set(stop_ids_for(tokenizer, model))
-        self.speculative_config = SpeculativeConfig.of(config.speculative_config)
-        if self.speculative_config is not None and spec_for(model).is_multimodal:
-            raise ValueError("speculative_config: speculative decoding does not support VL models yet")
         self.spec_stats = SpecDecodeStats()
         self.structured_outputs = StructuredOutputManager(tokenizer, mcfg.vocab_size, sorted(self.eos_token_ids),
                                                           config.structured_outputs_backend)
@@ -174,7 +177,7 @@ class LLMEngine:
 
         progressed = self.scheduler.update_from_output(batch, sampled_token_ids, on_token, num_rejected)
         if self.speculative_config is not None:
-            self._propose_drafts()
+            self._propose_drafts(batch, num_rejected)
         return self.outputs.step_outputs(progressed)
 
     def _tokens_of_step(self, batch: ScheduledBatch, logits: torch.Tensor, rows: list[int]):
@@ -210,12 +213,34 @@ class LLMEngine:
                 token_logprobs[batch.requests[i][0].request_id] = [(result.logprobs[j], result.top_logprobs[j])]
         return sampled_token_ids, num_rejected, token_logprobs
 
-    def _propose_drafts(self) -> None:
+    def _propose_drafts(self, batch: ScheduledBatch, num_rejected: list[int]) -> None:
         """Draft the next tokens of every decoding sequence, unless the batch is too large to gain from it."""
         config = self.speculative_config
         running = self.scheduler.running
         if config.disable_by_batch_size is not None and len(running) > config.disable_by_batch_size:
             return
+        budgets = self._draft_budgets(running)
+        if self.mtp is not None:
+            mtp_drafts = self.mtp.propose(batch, num_rejected,
+                                          {r.request_id: min(k, config.num_mtp_tokens) for r, k in budgets})
+        for request, k in budgets:
+            if self.mtp is None:
+                request.spec_token_ids = propose_ngram(request.token_ids, k, config.prompt_lookup_min,
+                                                       config.prompt_lookup_max)
+                continue
+            if request.request_id not in mtp_drafts:
+                continue  # not in this step's batch: the drafts it holds still continue its tokens
+            drafts = mtp_drafts[request.request_id]
+            if config.method == "mtp_ngram" and len(drafts) < k:
+                # Prompt lookup continues from the MTP drafts, as if they were accepted.
+                drafts = drafts + propose_ngram(request.token_ids + drafts, k - len(drafts),
+                                                config.prompt_lookup_min, config.prompt_lookup_max)
+            request.spec_token_ids = drafts
+
+    def _draft_budgets(self, running) -> list[tuple[Request, int]]:
+        """(request, most drafts it may take) for each decoding sequence that may draft."""
+        config = self.speculative_config
+        budgets = []
         for request in running:
             # Forced tokens are not drafted (the forcing decides them); constrained ones are, and the grammar
             # trims their drafts before verification.
@@ -230,8 +255,8 @@ class LLMEngine:
                 room = min(room, budget - request.num_reasoning_tokens - 1)
             k = min(config.num_speculative_tokens, room)
             if k > 0:
-                request.spec_token_ids = propose_ngram(request.token_ids, k, config.prompt_lookup_min,
-                                                       config.prompt_lookup_max)
+                budgets.append((request, k))
+        return budgets
 
     def _row(self, r: Request, bitmask: torch.Tensor | None = None) -> SamplingRow:
         return SamplingRow(params=r.params, prompt_token_ids=r.prompt_token_ids, output_token_ids=r.output_token_ids,

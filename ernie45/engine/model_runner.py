@@ -15,30 +15,37 @@ from .scheduler import ScheduledBatch
 
 
 class ModelRunner:
-    def __init__(self, model: Ernie45ForCausalLM, cache: KVCache, block_table_of):
-        """`block_table_of(request_id) -> list[int]` reads the block manager's table for a request."""
+    def __init__(self, model: Ernie45ForCausalLM, cache: KVCache, block_table_of, keep_hidden: bool = False):
+        """`block_table_of(request_id) -> list[int]` reads the block manager's table for a request.
+        `keep_hidden`: keep each step's pre-norm hidden states in `last_hidden_NH` (the MTP drafter reads them)."""
         self.model = model
         self.cache = cache
         self.block_table_of = block_table_of
         self.device = model.device
         self.is_multimodal = spec_for(model).is_multimodal
+        self.keep_hidden = keep_hidden
+        self.last_hidden_NH: torch.Tensor | None = None
 
-    def _metadata(self, batch: ScheduledBatch) -> PagedAttentionMetadata:
-        """The step's attention metadata: the slot each new token is written to, and per sequence its blocks
-        (int32 [S, most blocks], rows padded with block 0, never read), context length and new-token count."""
+    def metadata_for(self, spans: list[tuple[str, int, int]]) -> PagedAttentionMetadata:
+        """Attention metadata of one forward over, per sequence, the positions start .. end - 1 of the span
+        (request id, start, end): the slot each new token is written to, and per sequence its blocks (int32
+        [S, most blocks], rows padded with block 0, never read), context length and new-token count."""
         bs = self.cache.block_size
         slots, tables, context_lens, query_lens = [], [], [], []
-        for request, num_new in batch.requests:
-            start, end = request.num_computed_tokens, request.num_computed_tokens + num_new
-            table = self.block_table_of(request.request_id)[: -(-end // bs)]
+        for request_id, start, end in spans:
+            table = self.block_table_of(request_id)[: -(-end // bs)]
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
             tables.append(table)
             context_lens.append(end)
-            query_lens.append(num_new)
+            query_lens.append(end - start)
         width = max(map(len, tables))
         tables_SM = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=self.device)
         slot_mapping = torch.tensor(slots, dtype=torch.long, device=self.device)
         return PagedAttentionMetadata(self.cache, slot_mapping, tables_SM, context_lens, query_lens)
+
+    def _metadata(self, batch: ScheduledBatch) -> PagedAttentionMetadata:
+        return self.metadata_for([(r.request_id, r.num_computed_tokens, r.num_computed_tokens + n)
+                                  for r, n in batch.requests])
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int], dict[str, torch.Tensor]]:
@@ -74,6 +81,7 @@ class ModelRunner:
         else:
             inputs = ModelInputs(ids, torch.tensor([positions], dtype=torch.long, device=self.device))
         hidden = self.model.forward_inputs(inputs, metadata)
+        self.last_hidden_NH = hidden[0] if self.keep_hidden else None
         prompt_logits = {rid: self.model.compute_logits(hidden[0, rows]).float() for rid, rows in prompt_rows.items()}
         if not sample_rows:
             return hidden.new_empty(0, self.model.config.vocab_size, dtype=torch.float32), [], prompt_logits

@@ -157,7 +157,6 @@ def test_drafting_stops_above_the_batch_size_limit(tiny_dense_checkpoint):
 
 
 @pytest.mark.parametrize(("config", "match"), [
-    ({"method": "mtp"}, "not implemented yet"),
     ({"method": "eagle"}, "method must be one of"),
     ({"num_speculative_tokens": 0}, "num_speculative_tokens must be an integer >= 1"),
     ({"prompt_lookup_min": 3, "prompt_lookup_max": 2}, "prompt_lookup_min"),

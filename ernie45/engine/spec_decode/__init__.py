@@ -2,7 +2,8 @@
 
 from .config import SpeculativeConfig
 from .metrics import SpecDecodeStats
+from .mtp_proposer import MtpProposer
 from .ngram_proposer import propose_ngram
 from .verifier import Verified, verify
 
-__all__ = ["SpecDecodeStats", "SpeculativeConfig", "Verified", "propose_ngram", "verify"]
+__all__ = ["MtpProposer", "SpecDecodeStats", "SpeculativeConfig", "Verified", "propose_ngram", "verify"]
