@@ -6,8 +6,8 @@ import dataclasses
 import itertools
 from collections.abc import Sequence
 
-from ..parallel import load_engine_model
 from ..default_model import resolve_model_argument
+from ..parallel import load_engine_model
 from ..tokenizer import ReasoningParser, load_tokenizer
 from .engine_config import EngineConfig
 from .llm_engine import LLMEngine

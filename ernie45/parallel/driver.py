@@ -18,12 +18,11 @@ import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from .comm import Communicator, connect, disconnect
 from .config import RankLayout
-from .worker import StepMetadata, WorkerLaunch, rank_report, run_worker
+from .worker import StepMetadata, WorkerLaunch, rank_report
 
 logger = logging.getLogger("ernie45.parallel")
 
@@ -172,9 +171,16 @@ class Worker:
                 self.process.wait()
 
 
-def run_headless_node(launch: WorkerLaunch, nnodes: int, node_rank: int) -> int:
-    """A node other than 0 (`--node-rank` > 0): start its ranks and wait for them; returns their worst exit code."""
-    driver = TensorParallelDriver(launch, nnodes, node_rank)
+def run_node(model: str | Path, dtype: str, device: str, config, threads: int | None = None) -> int:
+    """A node other than 0 (`--node-rank` > 0): start its tensor-parallel ranks, which meet node 0 at
+    master_addr:master_port, and wait until they stop (node 0's engine shuts down); returns their worst exit code."""
+    from ..checkpoint.hub import resolve_model_path
+
+    launch = WorkerLaunch(model=str(resolve_model_path(model)), dtype=str(dtype), device=str(device),
+                          world_size=config.tensor_parallel_size, master_addr=config.master_addr,
+                          master_port=config.master_port, expert_parallel=config.enable_expert_parallel,
+                          expert_placement=config.expert_placement, threads=threads or 1)
+    driver = TensorParallelDriver(launch, config.nnodes, config.node_rank)
     driver._spawn(driver.layout.local_ranks())
     return max((abs(w.process.wait()) for w in driver.workers), default=0)
 

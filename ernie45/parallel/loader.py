@@ -147,7 +147,7 @@ def _pieces(sl, target: Target, param: torch.Tensor, shard: Shard | None, rank: 
 
 def _stacked_expert_slices(sl, target: Target, param: torch.Tensor, shard: Shard):
     """transformers' fused [E, 2I, H] gate_up / [E, H, I] down on disk: each expert's width slice."""
-    E, rows, _ = sl.get_shape()
+    _, rows, _ = sl.get_shape()
     if target.name.endswith("gate_up_proj"):
         inter = rows // 2
         local = shard.stop - shard.start

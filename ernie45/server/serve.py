@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: ernie45 serve needs the serving dependencies ({exc.name} is missing): "
                          "pip install 'ernie45[serve]'") from None
     from ..default_model import resolve_model_argument
-    from ..engine import CoreLaunch, MPEngineClient
+    from ..engine import CoreLaunch
 
     if args.max_queue is not None and args.max_queue < 1:
         raise ValueError(f"--max-queue must be >= 1, got {args.max_queue}")
@@ -86,7 +86,13 @@ def run(args: argparse.Namespace) -> int:
     launch = CoreLaunch(model=str(resolve_model_argument(args.model)), dtype=args.dtype,
                         engine_config=engine_config_from_args(args), threads=args.threads,
                         log_level=args.log_level, disagg=disagg_config_from_args(args))
-    front = MPEngineClient(launch, startup_timeout=900.0)
+    if launch.engine_config.node_rank > 0:  # a tensor-parallel node other than 0: its workers only, no server
+        from ..parallel import run_node
+
+        return run_node(launch.model, launch.dtype, launch.device, launch.engine_config, launch.threads)
+    from ..parallel.data_parallel import start_engine_client
+
+    front = start_engine_client(launch, startup_timeout=900.0)  # MPEngineClient, or D of them (data parallel)
     tokenizer = front.inputs.tokenizer
     model_root = str(front.model_info.source_dir)
     try:

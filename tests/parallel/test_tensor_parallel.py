@@ -14,7 +14,7 @@ U = 2.0**-24  # fp32 unit roundoff
 # 16 prompts of 5..44 tokens: with a 64-token step budget the long ones prefill in chunks, and 40 blocks of 4 tokens
 # cannot hold every sequence at once, so the scheduler preempts (asserted below).
 PROMPTS = [{"prompt_token_ids": list(range(3, 3 + 5 + 7 * i % 40))} for i in range(16)]
-ENGINE = dict(max_num_batched_tokens=64, num_kv_blocks=40, block_size=4, max_model_len=160)
+ENGINE = {"max_num_batched_tokens": 64, "num_kv_blocks": 40, "block_size": 4, "max_model_len": 160}
 GREEDY = SamplingParams(max_tokens=8, temperature=0)
 
 
