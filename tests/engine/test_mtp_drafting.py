@@ -51,7 +51,7 @@ def reference_drafts(model, token_ids: list[int], k: int, post_norm: bool = Fals
 @pytest.mark.parametrize("setting", SETTINGS)
 def test_engine_drafts_equal_the_head_run_on_the_whole_sequence(setting, mtp_checkpoint):
     model, tok = ernie45.load_model(mtp_checkpoint), ernie45.load_tokenizer(mtp_checkpoint)
-    spec = {"method": "mtp", "num_speculative_tokens": 3, "disable_by_batch_size": None}
+    spec = {"method": "mtp", "num_speculative_tokens": 2, "disable_by_batch_size": None}
     engine = LLMEngine(model, tok, EngineConfig(**SETTINGS[setting], enable_prefix_caching=False,
                                                 speculative_config=spec))
     for i, ids in enumerate(repetitive_prompts(model.config.vocab_size, 16, seed=1)):
@@ -70,14 +70,13 @@ def test_engine_drafts_equal_the_head_run_on_the_whole_sequence(setting, mtp_che
                     break  # later drafts continue from a different token
                 assert got == want, f"{request.request_id} at {request.num_tokens} tokens"
                 compared += 1
-    assert compared > 100 and skipped < compared / 10
+    assert compared > 40 and skipped < compared / 10
     assert engine.block_manager.num_free_blocks == engine.num_kv_blocks
     if setting == "tiny_kv_pool":
         assert engine.scheduler.num_preemptions > 0
 
 
-@pytest.mark.parametrize("setting", SETTINGS)
-@pytest.mark.parametrize("method", ["mtp", "mtp_ngram"])
+@pytest.mark.parametrize(("method", "setting"), [("mtp", s) for s in SETTINGS] + [("mtp_ngram", "tiny_kv_pool")])
 def test_greedy_output_is_identical_with_mtp_drafts(method, setting, mtp_checkpoint):
     model, tok = ernie45.load_model(mtp_checkpoint), ernie45.load_tokenizer(mtp_checkpoint)
     prompts = repetitive_prompts(model.config.vocab_size, 16)
