@@ -10,7 +10,8 @@ Stages (each skipped when its output is already complete, so an interrupted buil
   pt        `ernie45 train configs/pt.yaml`  -> OUT/pt   (then evaluated)
   sft       `ernie45 train configs/sft.yaml` -> OUT/sft  (then evaluated)
   dpo       `ernie45 train configs/dpo.yaml` -> OUT/dpo  (then evaluated)
-  final     OUT/dpo in bfloat16 -> OUT/final (evaluated again: the shipped weights); OUT/RESULTS.md
+  mtp       `ernie45 train configs/mtp.yaml` -> OUT/mtp  (the MTP draft head alone; the DPO weights unchanged)
+  final     OUT/mtp in bfloat16 -> OUT/final (evaluated again: the shipped weights); OUT/RESULTS.md
 `--install` copies OUT/final into ernie45/assets/default_model and OUT/RESULTS.md into recipes/tiny/RESULTS.md.
 """
 
@@ -130,12 +131,12 @@ def evaluated(out: Path, stage: str, chat: bool, times: StageTimes) -> dict:
 
 
 def stage_final(out: Path, times: StageTimes) -> Path:
-    """The DPO model with weights in bfloat16 (router weights and correction biases stay fp32)."""
+    """The DPO model and its MTP head with weights in bfloat16 (router weights and correction biases stay fp32)."""
     final = out / "final"
     if not _complete(final):
         started = time.time()
-        model = load_model(str(out / "dpo"), dtype="bfloat16")
-        save_model(model, final, tokenizer=out / "dpo")
+        model = load_model(str(out / "mtp"), dtype="bfloat16")
+        save_model(model, final, tokenizer=out / "mtp")
         times.record("final", started)
     return final
 
@@ -181,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     results["sft"] = evaluated(out, "sft", True, times)
     train(out, "dpo", "sft", {"train_dataset_path": str(data / "dpo_train.jsonl")}, args.threads, times)
     results["dpo"] = evaluated(out, "dpo", True, times)
+    train(out, "mtp", "dpo", {"train_dataset_path": f"{data / 'sft_train.jsonl'},{data / 'pt_text.jsonl'}"},
+          args.threads, times)
     final = stage_final(out, times)
     results["final"] = evaluated(out, "final", True, times)
     threads = f"{args.threads} thread{'s' if args.threads > 1 else ''}"
