@@ -48,8 +48,8 @@ class EngineConfig:
     """Grammar library for structured output (JSON schema, regex, choice, grammar); vLLM's and FastDeploy's
     default."""
     tensor_parallel_size: int = 1
-    """Processes that split each layer's heads, MLP width and vocabulary (torch.distributed: gloo on CPU, NCCL on
-    CUDA); each holds about 1/N of the weights and of the KV cache."""
+    """Processes that split each layer's heads, MLP width and vocabulary (torch.distributed over gloo; CPU only
+    for now); each holds about 1/N of the weights and of the KV cache."""
     enable_expert_parallel: bool = False
     """MoE: place the routed experts across the tensor-parallel ranks (whole experts per rank) instead of
     splitting every expert's width."""

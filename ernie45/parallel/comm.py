@@ -26,13 +26,17 @@ class CommStats:
     """Counters of the model's collectives since the last `reset` (rank-local)."""
 
     calls: int = 0
-    bytes: int = 0
+    all_reduce_bytes: int = 0
+    """Bytes of the tensors all-reduced (each rank's input size; a ring moves about 2(N-1)/N of it per rank)."""
+    gather_bytes: int = 0
+    """Bytes each rank sends to rank 0 in the LM head's gathers."""
     seconds: float = 0.0
     command_seconds: float = 0.0
     """Time in rank 0's command broadcasts (each step's inputs), apart from the model's collectives."""
 
     def reset(self) -> None:
-        self.calls, self.bytes, self.seconds, self.command_seconds = 0, 0, 0.0, 0.0
+        self.calls, self.all_reduce_bytes, self.gather_bytes = 0, 0, 0
+        self.seconds, self.command_seconds = 0.0, 0.0
 
 
 @dataclass
@@ -49,7 +53,8 @@ class Communicator:
         """Sum `t` over the ranks, in place (every rank gets the same sum)."""
         start = time.perf_counter()
         dist.all_reduce(t, group=self.step_group)
-        self._count(t, start)
+        self._count(start)
+        self.stats.all_reduce_bytes += t.numel() * t.element_size()
         return t
 
     def gather_last_dim(self, t: torch.Tensor) -> torch.Tensor | None:
@@ -58,7 +63,8 @@ class Communicator:
         t = t.contiguous()
         parts = [torch.empty_like(t) for _ in range(self.world_size)] if self.rank == 0 else None
         dist.gather(t, parts, dst=0, group=self.step_group)
-        self._count(t, start)
+        self._count(start)
+        self.stats.gather_bytes += t.numel() * t.element_size()
         return torch.cat(parts, dim=-1) if parts is not None else None
 
     def broadcast_command(self, command: tuple | None = None) -> tuple:
@@ -78,10 +84,9 @@ class Communicator:
     def barrier(self) -> None:
         dist.barrier(group=self.control_group)
 
-    def _count(self, t: torch.Tensor, start: float) -> None:
+    def _count(self, start: float) -> None:
         self.stats.seconds += time.perf_counter() - start
         self.stats.calls += 1
-        self.stats.bytes += t.numel() * t.element_size()
 
 
 def connect(rank: int, world_size: int, store, backend: str = "gloo") -> Communicator:

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from .comm import Communicator, connect, disconnect
 from .config import RankLayout
-from .worker import StepMetadata, WorkerLaunch, rank_report
+from .worker import StepMetadata, WorkerLaunch, all_reduce_probe, rank_report
 
 logger = logging.getLogger("ernie45.parallel")
 
@@ -129,6 +129,15 @@ class TensorParallelDriver:
         self.comm.broadcast_command(("report",))
         return self.comm.gather_objects(rank_report(self.model_ref(), cache, self.comm))
 
+    def probe_all_reduce(self, calls: int, numel: int, dtype) -> float:
+        """Rank 0's seconds per isolated all-reduce of `numel` elements (`worker.all_reduce_probe`); the
+        collective counters are reset afterwards."""
+        self.check_alive()
+        self.comm.broadcast_command(("probe", calls, numel, dtype))
+        seconds = all_reduce_probe(self.comm, calls, numel, dtype)
+        self.reset_stats()
+        return seconds
+
     def reset_stats(self) -> None:
         """Zero the collective counters on every rank."""
         self.check_alive()
@@ -196,6 +205,9 @@ def load_engine_model(model: str | Path, dtype: str = "auto", device: str = "cpu
     from ..checkpoint.hub import resolve_model_path
     from .loader import check_shardable
 
+    if str(device) != "cpu":
+        raise ValueError(f"tensor_parallel_size > 1 runs on the CPU (gloo) for now; device {device!r} is not "
+                         f"supported with it yet")
     directory = resolve_model_path(model)
     check_shardable(directory, config.tensor_parallel_size)  # refused here, before any process starts
     launch = WorkerLaunch(model=str(directory), dtype=str(dtype), device=str(device),

@@ -6,6 +6,7 @@ Rank 0's engine (scheduler, sampler, block manager) announces each model call wi
     ("compute_logits", hidden)                      the rows rank 0 projects to logits (the LM head gathers them)
     ("report",)                                     each rank's weight and KV bytes and collective counters
     ("reset_stats",)                                zero those counters
+    ("probe", calls, numel, dtype)                  `calls` all-reduces of `numel` elements alone (benchmarks)
     ("stop",)
 
 The worker replays the call on its own shard and its own KV cache (same block ids and slots as rank 0's: the block
@@ -17,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from dataclasses import dataclass
 
 import torch
@@ -116,12 +118,24 @@ class WorkerLoop:
                 self.model.forward_inputs(inputs, metadata)
             elif kind == "compute_logits":
                 self.model.compute_logits(command[1].to(device))
+            elif kind == "probe":
+                all_reduce_probe(self.comm, *command[1:])
             elif kind == "reset_stats":
                 self.comm.stats.reset()
             elif kind == "report":
                 self.comm.gather_objects(rank_report(self.model, self.cache, self.comm))
             else:
                 raise RuntimeError(f"unknown command {kind!r} from rank 0 (pid {os.getppid()})")
+
+
+def all_reduce_probe(comm: Communicator, calls: int, numel: int, dtype: torch.dtype) -> float:
+    """Seconds per all-reduce of `numel` elements with nothing else running (every rank calls it)."""
+    t = torch.zeros(numel, dtype=dtype)
+    comm.all_reduce(t)  # warm-up
+    start = time.perf_counter()
+    for _ in range(calls):
+        comm.all_reduce(t)
+    return (time.perf_counter() - start) / calls
 
 
 def rank_report(model, cache, comm: Communicator) -> dict:
@@ -131,8 +145,8 @@ def rank_report(model, cache, comm: Communicator) -> dict:
     kv = 0 if cache is None else cache.k.numel() * cache.k.element_size() * 2
     stats = comm.stats
     return {"rank": comm.rank, "weight_bytes": weights, "kv_cache_bytes": kv, "collectives": stats.calls,
-            "collective_bytes": stats.bytes, "collective_seconds": stats.seconds,
-            "command_seconds": stats.command_seconds}
+            "all_reduce_bytes": stats.all_reduce_bytes, "gather_bytes": stats.gather_bytes,
+            "collective_seconds": stats.seconds, "command_seconds": stats.command_seconds}
 
 
 def _backend(device: str) -> str:

@@ -98,3 +98,27 @@ def test_tp4_replicates_kv_heads(tiny_dense_checkpoint, one_thread):
     finally:
         shutdown(tp.model)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
+
+
+def test_tp2_prompt_logprobs_and_ngram_drafts(tiny_moe_checkpoint, one_thread):
+    """The other model calls an engine makes: prompt-position logits (one compute_logits per request) and n-gram
+    draft verification (k + 1 logits rows per request) mirror to the workers like any step."""
+    prompts = [{"prompt_token_ids": [5, 6, 7, 8] * 4}, {"prompt_token_ids": [9, 10, 11] * 5}]
+    params = SamplingParams(max_tokens=10, temperature=0, prompt_logprobs=1)
+    spec = {"speculative_config": {"method": "ngram", "num_speculative_tokens": 3}}
+    single = LLM(str(tiny_moe_checkpoint), **ENGINE, **spec)
+    single_logits = _recorded(single)
+    expected = single.generate(prompts, params, use_tqdm=False)
+    # log_softmax moves each logprob by at most |d logit_i| + max_j |d logit_j|: twice the logits' bound.
+    tolerance = 2 * _logits_tolerance(single.model.config, single_logits)
+    tp = LLM(str(tiny_moe_checkpoint), tensor_parallel_size=2, **ENGINE, **spec)
+    try:
+        got = tp.generate(prompts, params, use_tqdm=False)
+        assert tp.engine.stats()["spec_decode_num_draft_tokens"] > 0
+    finally:
+        shutdown(tp.model)
+    for a, b in zip(got, expected):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        pairs = [(x, y) for x, y in zip(a.prompt_logprobs, b.prompt_logprobs) if x is not None]
+        assert pairs and all(x.token_id == y.token_id and abs(x.logprob - y.logprob) <= tolerance
+                             for x, y in pairs)
