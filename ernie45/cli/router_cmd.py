@@ -19,6 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how an instance of a role is picked (default: least_load)")
     p.add_argument("--health-interval", type=float, default=1.0, help="seconds between health / load checks")
     p.add_argument("--max-attempts", type=int, default=3, help="instances a request may be tried on")
+    p.add_argument("--pd-min-prompt-tokens", type=int, default=0, metavar="N",
+                   help="prompts estimated shorter than N tokens go straight to a decode instance, which computes "
+                        "them itself (default 0: every request that can be split goes through a prefill instance)")
     p.add_argument("--role-switch", action="store_true",
                    help="switch instance roles automatically (rule: ernie45/router/role_switch.py)")
     p.add_argument("--role-switch-ratio", type=float, default=3.0)
@@ -46,6 +49,6 @@ def run(args: argparse.Namespace) -> int:
                               min_gap=args.role_switch_min_gap, hold_checks=args.role_switch_hold,
                               cooldown_s=args.role_switch_cooldown)
     app = build_router_app(args.prefill, args.decode, args.mixed, args.policy, args.health_interval, switch,
-                           args.max_attempts)
+                           args.max_attempts, args.pd_min_prompt_tokens)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False, log_config=None)
     return 0

@@ -120,7 +120,7 @@ class DisaggCore:
             result: Fetched | Exception = self.connector.fetch(source, transfer_id, self._num_held)
         except TransferError as exc:
             result = exc
-        except Exception as exc:  # noqa: BLE001 (any failure of a fetch fails that import only)
+        except Exception as exc:  # any failure of a fetch fails that import only
             logger.exception("KV fetch %s failed", transfer_id)
             result = exc
         self._fetched.put((key, result))
@@ -173,7 +173,7 @@ class DisaggCore:
             new_blocks = bm.block_table(holder)[len(hits):num]
             unpack_into(cache, new_blocks, fetched.payload, first=len(hits) - fetched.first)
             bm.cache_full_blocks(holder, tokens, num * bs)
-        except Exception as exc:  # noqa: BLE001 (a failed import frees what it allocated; the request recomputes)
+        except Exception as exc:  # a failed import frees what it allocated; the request recomputes
             logger.exception("KV import %s failed", key)
             bm.free(holder)
             self.counters["kv_imports_failed"] += 1

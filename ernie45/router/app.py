@@ -39,14 +39,14 @@ def _bad(message: str, param: str | None = None) -> JSONResponse:
 
 def build_router_app(prefill: list[str], decode: list[str], mixed: list[str], policy: str = "least_load",
                      health_interval_s: float = 1.0, role_switch: RoleSwitchConfig | None = None,
-                     max_attempts: int = 3) -> FastAPI:
+                     max_attempts: int = 3, pd_min_prompt_tokens: int = 0) -> FastAPI:
     client = httpx.AsyncClient(limits=httpx.Limits(max_connections=1024, max_keepalive_connections=256))
     registry = Registry(client)
     for role, urls in (("prefill", prefill), ("decode", decode), ("mixed", mixed)):
         for url in urls:
             registry.add(url, role)
     metrics = RouterMetrics(registry)
-    proxy = Proxy(registry, Policy(policy), metrics, client, max_attempts)
+    proxy = Proxy(registry, Policy(policy), metrics, client, max_attempts, pd_min_prompt_tokens)
     balancer = RoleBalancer(registry, role_switch or RoleSwitchConfig(),
                             on_switch=lambda role: metrics.role_switches.labels(role).inc())
 

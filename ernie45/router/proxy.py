@@ -47,6 +47,15 @@ def _sse(payload: dict) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
 
+def estimate_prompt_tokens(body: dict) -> int:
+    """Token ids count as they are; text as ~4 characters a token (the router has no tokenizer)."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+        return len(prompt)
+    text = prompt if isinstance(prompt, str) else json.dumps(body.get("messages", ""), ensure_ascii=False)
+    return len(text) // 4
+
+
 def _has_token(line: str) -> bool:
     """A streamed chunk carrying generated text (or the end) rather than the opening role chunk."""
     if not line.startswith("data: ") or line == "data: [DONE]":
@@ -64,7 +73,10 @@ def _has_token(line: str) -> bool:
 
 class Proxy:
     def __init__(self, registry: Registry, policy: Policy, metrics: RouterMetrics, client: httpx.AsyncClient,
-                 max_attempts: int = 3):
+                 max_attempts: int = 3, pd_min_prompt_tokens: int = 0):
+        """`pd_min_prompt_tokens`: prompts estimated shorter than this skip the prefill instance (their prefill is
+        cheaper than the extra hop and the transfer); 0 sends every eligible request through one."""
+        self.pd_min_prompt_tokens = pd_min_prompt_tokens
         self.registry = registry
         self.policy = policy
         self.metrics = metrics
@@ -141,6 +153,8 @@ class Proxy:
     async def _prefill(self, endpoint, body, headers, hashes, timing, arrival) -> tuple[Instance, str] | None:
         if not self.pd_eligible(endpoint, body) or not self.registry.usable("decode"):
             return None
+        if self.pd_min_prompt_tokens and estimate_prompt_tokens(body) < self.pd_min_prompt_tokens:
+            return None
         pbody = {**body, "stream": False, "max_tokens": 1, "n": 1}
         for key in ("stream_options", "min_tokens"):
             pbody.pop(key, None)
@@ -156,16 +170,18 @@ class Proxy:
             inst.in_flight += 1
             timing["queue"] = time.perf_counter() - arrival
             start = time.perf_counter()
+            status, transfer_id = 0, None
             try:
                 resp = await self.client.post(inst.url + endpoint, json=pbody, headers=headers, timeout=_TIMEOUT)
-                ok = resp.status_code == 200
-                transfer_id = resp.json()["id"] if ok else None
+                status = resp.status_code
+                transfer_id = resp.json()["id"] if status == 200 else None
             except (httpx.HTTPError, ValueError, KeyError) as exc:
                 if isinstance(exc, httpx.TransportError):
                     inst.mark_failed()
-                ok, transfer_id = False, None
-            if not ok:
+            if transfer_id is None:
                 inst.in_flight -= 1
+                if 400 <= status < 500:
+                    return None  # the request's own fault: the decode instance answers it with the same error
                 continue
             timing["prefill"] = time.perf_counter() - start
             if "chat" not in endpoint:

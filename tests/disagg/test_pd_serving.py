@@ -66,6 +66,29 @@ def test_greedy_outputs_equal_a_mixed_instance(cluster):
         wait_pool_full(server, timeout=EXPORT_TIMEOUT_S + 10)
 
 
+def test_completions_through_the_router_equal_a_mixed_instance(cluster):
+    router, mixed, decode = cluster["router"], cluster["mixed"], cluster["decode"]
+    prompts = ["once upon a time " * 6, [7, 8, 9] * 12]  # text, and token ids (completions ids each prompt `-0`)
+
+    def complete(url: str, prompt, stream: bool) -> str:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        kwargs = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": 10, "temperature": 0}
+        if not stream:
+            return c.completions.create(**kwargs).choices[0].text
+        return "".join(chunk.choices[0].text for chunk in c.completions.create(stream=True, **kwargs)
+                       if chunk.choices)
+
+    before = disagg_info(decode)
+    for prompt in prompts:
+        expected = complete(mixed.url, prompt, False)
+        assert complete(router.url, prompt, False) == expected
+        assert complete(router.url, prompt, True) == expected
+    after = disagg_info(decode)
+    assert after["kv_imports"] - before["kv_imports"] == 4 and after["kv_imports_failed"] == before["kv_imports_failed"]
+    assert after["kv_import_blocks"] + after["kv_import_blocks_cached"] > before["kv_import_blocks"] + before[
+        "kv_import_blocks_cached"]
+
+
 def test_prefix_reuse_moves_fewer_blocks(cluster):
     decode = cluster["decode"]
     system = "You are a careful assistant who answers about rivers and lakes. " * 4  # several blocks
@@ -140,7 +163,11 @@ def test_prefill_killed_mid_request_falls_back(cluster):
             os.kill(prefill.process.pid, signal.SIGKILL)
             return await asyncio.gather(*tasks)
 
+    before = router.metrics()
     assert asyncio.run(run()) == expected  # retried elsewhere or computed by the decode instance
+    after = router.metrics()
+    # The kill hit requests in their prefill phase: the decode instance computed those prompts itself.
+    assert after["ernie45:router_pd_fallbacks_total"] > before["ernie45:router_pd_fallbacks_total"]
     prefill.process.wait(10)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and any(i["url"] == prefill.url and i["healthy"] for i in httpx.get(
