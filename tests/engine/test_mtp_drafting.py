@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import ernie45
+from ernie45.default_model import default_model_path
 from ernie45.engine import EngineConfig, LLMEngine, SamplingParams
 from ernie45.models import Ernie45Config
 from ernie45.training.init_model import init_checkpoint
@@ -119,3 +120,28 @@ def test_mtp_on_a_model_without_mtp_weights_fails_at_start(tiny_dense_checkpoint
 def test_bad_mtp_settings_name_the_field(config, match):
     with pytest.raises(ValueError, match=match):
         EngineConfig(speculative_config=config)
+
+
+def test_default_model_mtp_head_loads_and_drafts_what_it_accepts():
+    """The embedded model ships a trained MTP head: on 16 concurrent chats (chunked prefill, a pool small enough
+    to preempt) greedy output equals decoding without drafts, and most drafts are accepted."""
+    path = default_model_path()
+    model, tok = ernie45.load_model(path), ernie45.load_tokenizer(path)
+    assert model.model.num_mtp_layers == 1
+    questions = ["What is 974 + 504?", "How many days are in 2 weeks?", "Tell me a quote about life.",
+                 "How many times does 6 appear in: 8 3 1 6 3 5 0 1 6 6?"]
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q * (1 + i % 3)}], add_generation_prompt=True,
+                                       tokenize=True) for i, q in enumerate(questions * 4)]
+    params = SamplingParams(temperature=0, max_tokens=24)
+    setting = dict(max_num_batched_tokens=48, num_kv_blocks=14, block_size=16, max_model_len=192)
+    plain = run(LLMEngine(model, tok, EngineConfig(**setting)), prompts, params)
+    spec = {"method": "mtp", "num_speculative_tokens": 2, "disable_by_batch_size": None}
+    engine = LLMEngine(model, tok, EngineConfig(**setting, speculative_config=spec))
+    drafted = run(engine, prompts, params)
+    for key, out in plain.items():
+        assert drafted[key].outputs[0].token_ids == out.outputs[0].token_ids, f"prompt {key}"
+    stats = engine.stats()
+    assert engine.scheduler.num_preemptions > 0
+    # A trained head, not noise: a random one accepts ~1 / vocab of its drafts.
+    assert stats["spec_decode_num_accepted_tokens"] > 0.5 * stats["spec_decode_num_draft_tokens"] > 0
+    assert engine.block_manager.num_free_blocks == engine.num_kv_blocks
