@@ -41,8 +41,35 @@ def test_drafts_change_nothing_but_the_speed(spec_server, server, http):
 
 
 @pytest.mark.parametrize(("value", "code", "message"), [("{nope", 2, "not valid JSON"),  # argparse's usage error
-                                                        ('{"method": "mtp"}', 1, "not implemented yet")])
+                                                        ('{"method": "mtp"}', 1, "has no MTP layers")])
 def test_a_bad_speculative_config_stops_the_server_at_start(thinking_checkpoint, value, code, message):
     result = subprocess.run([sys.executable, "-m", "ernie45.cli.main", "serve", str(thinking_checkpoint),
                              "--speculative-config", value], capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == code and message in result.stderr, result.stderr[-2000:]
+
+
+def test_the_default_model_serves_with_its_mtp_head(tmp_path):
+    """`ernie45 serve --speculative-config '{"method": "mtp"}'` on the embedded model: the official client's chat
+    answer equals the model's greedy answer without drafts (offline LLM), and /metrics counts accepted drafts."""
+    import openai
+
+    from ernie45.default_model import default_model_path
+    from ernie45.engine import LLM, SamplingParams
+
+    path = default_model_path()
+    messages = [{"role": "user", "content": "What is 974 + 504?"}]
+    llm = LLM(str(path))
+    want = llm.chat(messages, SamplingParams(temperature=0, max_tokens=48))[0].outputs[0]
+    proc = ServerProcess(path, tmp_path / "mtp.log", "--speculative-config", '{"method": "mtp"}')
+    try:
+        client = openai.OpenAI(base_url=proc.url + "/v1", api_key="none")
+        got = client.chat.completions.create(model=MODEL_NAME, messages=messages, temperature=0, max_tokens=48)
+        message = got.choices[0].message
+        assert (message.content or "", getattr(message, "reasoning_content", None) or "") == (
+            want.text, want.reasoning_content or "")
+        assert want.reasoning_content  # the model thought: a long enough answer to draft in
+        metrics = proc.metrics()
+        assert 0 < metrics["ernie45:spec_decode_num_accepted_tokens_total"] <= metrics[
+            "ernie45:spec_decode_num_draft_tokens_total"]
+    finally:
+        assert proc.stop() == 0, proc.log()[-3000:]
