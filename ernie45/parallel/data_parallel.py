@@ -1,11 +1,13 @@
 """`--data-parallel-size D`: D engine cores (each its own process, model copy and KV cache; each may itself be
 tensor-parallel) behind one server. `DPEngineClient` is the server's EngineClient: every request goes to the
-replica with the fewest requests in flight from this server (ties: the lowest index), and its outputs stream back
-from that replica alone.
+replica with the fewest requests in flight from this server (ties: the lowest index) unless the replica that last
+took the same prompt prefix is nearly as free (its prefix cache likely holds that prefix), and its outputs stream
+back from that replica alone.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import itertools
@@ -16,6 +18,12 @@ from ..engine.core_process import CoreLaunch
 from ..engine.outputs import RequestOutput
 from ..engine.sampling_params import SamplingParams
 
+PREFIX_TOKENS = 64
+"""Prompt tokens that key the prefix affinity (four 16-token KV blocks: a shared system prompt or document)."""
+AFFINITY_SLACK = 2
+"""Extra requests in flight a replica may have and still get a prompt whose prefix it served last."""
+AFFINITY_ENTRIES = 4096
+"""Prefixes remembered (least recently used forgotten first)."""
 _AVERAGED_STATS = ("kv_cache_usage_perc",)
 """Gauges that are fractions: the replicas' mean; every other stat is a count or a size and adds up."""
 
@@ -31,6 +39,7 @@ class DPEngineClient:
         self.inputs = replicas[0].inputs
         self._owner: dict[str, int] = {}  # request id -> index of the replica serving it
         self._ids = itertools.count()
+        self._affinity: collections.OrderedDict[int, int] = collections.OrderedDict()  # prefix hash -> replica
 
     @classmethod
     def start(cls, launch: CoreLaunch, startup_timeout: float = 900.0) -> DPEngineClient:
@@ -56,16 +65,32 @@ class DPEngineClient:
         return cls(replicas)
 
     # ------------------------------------------------------------------------------------- balancing
-    def pick(self) -> int:
-        """The live replica with the fewest requests in flight (EngineDeadError when none is live)."""
+    def pick(self, prompt_token_ids: list[int] | None = None) -> int:
+        """The live replica with the fewest requests in flight (ties: the lowest index), unless the replica that
+        last took a prompt with the same first PREFIX_TOKENS tokens has at most AFFINITY_SLACK more: its prefix
+        cache likely holds them. EngineDeadError when no replica is live."""
         live = [i for i, r in enumerate(self.replicas) if r.is_running]
         if not live:
             raise EngineDeadError("every data-parallel engine replica has stopped")
-        return min(live, key=lambda i: self.replicas[i].num_unfinished())
+        load = {i: self.replicas[i].num_unfinished() for i in live}
+        least = min(live, key=load.__getitem__)
+        key = None
+        if prompt_token_ids is not None and len(prompt_token_ids) >= PREFIX_TOKENS:
+            key = hash(tuple(prompt_token_ids[:PREFIX_TOKENS]))
+        chosen = self._affinity.get(key) if key is not None else None
+        if chosen not in load or load[chosen] > load[least] + AFFINITY_SLACK:
+            chosen = least
+        if key is not None:
+            self._affinity[key] = chosen
+            self._affinity.move_to_end(key)
+            if len(self._affinity) > AFFINITY_ENTRIES:
+                self._affinity.popitem(last=False)
+        return chosen
 
     async def generate(self, prompt, params: SamplingParams, request_id: str | None = None,
                        extra_keys: tuple = ()) -> AsyncIterator[RequestOutput]:
-        index = self.pick()
+        prompt = self.inputs.process(prompt)  # once here: the replica takes the EnginePrompt as it is
+        index = self.pick(prompt.prompt_token_ids)
         replica = self.replicas[index]
         request_id = request_id or f"req-{next(self._ids)}"
         self._owner[request_id] = index

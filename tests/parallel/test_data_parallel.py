@@ -1,13 +1,15 @@
 """`data_parallel_size=2`: two engine-core processes behind one client; concurrent requests spread over both and
-decode the same greedy tokens as one in-process engine."""
+decode the same greedy tokens as one in-process engine. The placement rule itself on fake replicas."""
 
 from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from ernie45 import LLM
-from ernie45.engine import CoreLaunch, EngineConfig
-from ernie45.parallel.data_parallel import DPEngineClient, start_engine_client
+from ernie45.engine import CoreLaunch, EngineConfig, EngineDeadError
+from ernie45.parallel.data_parallel import AFFINITY_SLACK, PREFIX_TOKENS, DPEngineClient, start_engine_client
 
 from .test_tensor_parallel import ENGINE, GREEDY, PROMPTS
 
@@ -36,3 +38,32 @@ def test_dp2_balances_and_matches_one_engine(tiny_moe_checkpoint):
     finally:
         client.shutdown()
     assert not client.is_running
+
+
+class _FakeReplica:
+    def __init__(self, load: int = 0, running: bool = True):
+        self.load, self.is_running = load, running
+        self.model_info = self.inputs = None
+
+    def num_unfinished(self) -> int:
+        return self.load
+
+
+def test_pick_least_loaded_with_prefix_affinity():
+    a, b = _FakeReplica(), _FakeReplica()
+    client = DPEngineClient([a, b])
+    shared = list(range(PREFIX_TOKENS))
+    assert client.pick(shared + [1]) == 0  # tie: the lowest index
+    a.load = AFFINITY_SLACK  # replica 0 busier, but it served this prefix last
+    assert client.pick(shared + [2]) == 0
+    assert client.pick([7] * PREFIX_TOKENS) == 1  # a new prefix goes to the least loaded
+    assert client.pick(shared[:10]) == 1  # too short to key an affinity
+    a.load = AFFINITY_SLACK + 1  # too much busier: the affinity gives way, and moves
+    assert client.pick(shared + [3]) == 1
+    a.load = 0
+    assert client.pick(shared + [4]) == 1
+    b.is_running = False  # a dead replica gets nothing
+    assert client.pick(shared + [5]) == 0
+    a.is_running = False
+    with pytest.raises(EngineDeadError):
+        client.pick(shared)
