@@ -67,3 +67,25 @@ def test_pick_least_loaded_with_prefix_affinity():
     a.is_running = False
     with pytest.raises(EngineDeadError):
         client.pick(shared)
+
+
+def test_serve_with_two_replicas(tiny_dense_checkpoint, tmp_path):
+    """`ernie45 serve --data-parallel-size 2`: the OpenAI server answers through both replicas, /metrics sums them."""
+    import openai
+
+    from ..server.conftest import ServerProcess
+
+    server = ServerProcess(tiny_dense_checkpoint, tmp_path / "dp.log", "--data-parallel-size", "2")
+    try:
+        client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none")
+
+        async def several():
+            return await asyncio.gather(*(client.completions.create(
+                model="tiny-ernie", prompt=p["prompt_token_ids"], max_tokens=4, temperature=0) for p in PROMPTS[:4]))
+
+        answers = asyncio.run(several())
+        assert all(a.choices[0].text is not None and a.usage.completion_tokens == 4 for a in answers)
+        prompt_tokens = sum(len(p["prompt_token_ids"]) for p in PROMPTS[:4])
+        assert server.metrics()["ernie45:prompt_tokens_total"] == prompt_tokens
+    finally:
+        assert server.stop() == 0
