@@ -57,7 +57,8 @@ class EngineConfig:
     """With enable_expert_parallel: "linear" (rank r holds a contiguous block of experts) or "round_robin"
     (expert e on rank e % N)."""
     data_parallel_size: int = 1
-    """Engine replicas behind one server, each with its own KV cache; requests go to the least loaded."""
+    """Engine replicas behind one server, each with its own KV cache; requests go to the least loaded (or back
+    to the replica that took their 64-token prefix last, if it is nearly as free)."""
     nnodes: int = 1
     """Machines the tensor-parallel ranks span (ranks split evenly; node 0 runs the engine and the server)."""
     node_rank: int = 0

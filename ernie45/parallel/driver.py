@@ -209,7 +209,7 @@ def load_engine_model(model: str | Path, dtype: str = "auto", device: str = "cpu
         raise ValueError(f"tensor_parallel_size > 1 runs on the CPU (gloo) for now; device {device!r} is not "
                          f"supported with it yet")
     directory = resolve_model_path(model)
-    check_shardable(directory, config.tensor_parallel_size)  # refused here, before any process starts
+    check_shardable(directory, config.tensor_parallel_size, config.enable_expert_parallel)  # before any process
     launch = WorkerLaunch(model=str(directory), dtype=str(dtype), device=str(device),
                           world_size=config.tensor_parallel_size, master_addr=config.master_addr,
                           master_port=config.master_port or 0, expert_parallel=config.enable_expert_parallel,

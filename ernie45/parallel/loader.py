@@ -21,7 +21,7 @@ from .comm import Communicator
 from .sharding import Shard, shard_model
 
 
-def check_shardable(directory: Path, world_size: int) -> None:
+def check_shardable(directory: Path, world_size: int, expert_parallel: bool = False) -> None:
     """ValueError for a checkpoint tensor parallelism cannot serve (before any worker is started)."""
     raw = json.loads((directory / "config.json").read_text(encoding="utf-8"))
     spec = spec_for(raw.get("model_type"))
@@ -35,16 +35,27 @@ def check_shardable(directory: Path, world_size: int) -> None:
         raise ValueError(f"{directory}: Paddle-layout checkpoints are not supported with tensor_parallel_size > 1; "
                          f"convert once with `ernie45 convert {directory} OUT --to hf`")
     config = spec.config_class.from_dict(raw, source=str(directory / "config.json"))
-    from .sharding import kv_heads_of_rank
+    from .sharding import expert_ids_of_rank, kv_heads_of_rank
 
     kv_heads_of_rank(config.num_attention_heads, config.num_key_value_heads, world_size, 0)
+    widths = {"intermediate_size": config.intermediate_size}
+    if config.has_moe_layers:
+        widths["moe_intermediate_size * moe_num_shared_experts"] = (config.moe_intermediate_size
+                                                                    * config.moe_num_shared_experts)
+        if expert_parallel:
+            expert_ids_of_rank(config.moe_num_experts, world_size, 0, "linear")
+        else:
+            widths["moe_intermediate_size"] = config.moe_intermediate_size
+    for what, width in widths.items():
+        if width % world_size:
+            raise ValueError(f"{directory}: tensor_parallel_size ({world_size}) must divide {what} ({width})")
 
 
 def load_shard(model: str | Path, comm: Communicator, dtype: str | torch.dtype | None = "auto", device="cpu",
                expert_parallel: bool = False, placement: str = "linear"):
     """Rank `comm.rank`'s model (eval mode), with `kv_heads_per_rank` and `shard_plan` set."""
     directory = resolve_model_path(model)
-    check_shardable(directory, comm.world_size)
+    check_shardable(directory, comm.world_size, expert_parallel)
     spec = spec_for(json.loads((directory / "config.json").read_text(encoding="utf-8")).get("model_type"))
     config = spec.config_class.from_file(directory)
     weight_files = list_weight_files(directory)

@@ -48,3 +48,12 @@ def test_nodes_split_the_ranks():
 def test_bad_parallel_fields_are_refused(fields, match):
     with pytest.raises(ValueError, match=match):
         EngineConfig(**fields)
+
+
+def test_unshardable_checkpoints_are_refused_before_any_process_starts(tiny_moe_checkpoint):
+    from ernie45 import LLM
+
+    with pytest.raises(ValueError, match="must divide num_attention_heads"):
+        LLM(str(tiny_moe_checkpoint), tensor_parallel_size=3, max_model_len=64)
+    with pytest.raises(ValueError, match="CPU"):
+        LLM(str(tiny_moe_checkpoint), tensor_parallel_size=2, device="meta", max_model_len=64)
