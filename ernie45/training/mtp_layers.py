@@ -19,6 +19,11 @@ def is_mtp_parameter(name: str) -> bool:
     return _MTP_MARK in name
 
 
+def mtp_depths(model: nn.Module) -> int:
+    """How many MTP depths `model` carries; 0 for families without MTP layers (the VL model has none)."""
+    return getattr(model.model, "num_mtp_layers", 0)
+
+
 def add_mtp_layers(model: nn.Module, num_mtp_layers: int, seed: int = 0) -> list[str]:
     """Grow `model` (an Ernie45ForCausalLM) to `num_mtp_layers` MTP depths; returns the new parameters' names."""
     inner = model.model

@@ -34,7 +34,7 @@ from .checkpointing import load_checkpoint, resolve_resume, save_checkpoint
 from .config import ConfigError, TrainConfig
 from .lora import adapter_state_dict, apply_lora, peft_mismatch, save_adapter
 from .metrics import MetricsLogger
-from .mtp_layers import add_mtp_layers, freeze_all_but_mtp
+from .mtp_layers import add_mtp_layers, freeze_all_but_mtp, mtp_depths
 from .optim import build_optimizer, build_scheduler, optimizer_step
 from .plot import plot_run
 from .task import task_for
@@ -82,7 +82,7 @@ class Trainer:
         if model_transform is not None:
             model_transform(base, cfg)
         task_class.prepare_model(base, cfg)
-        if cfg.num_nextn_predict_layers and cfg.num_nextn_predict_layers > base.model.num_mtp_layers:
+        if cfg.num_nextn_predict_layers and cfg.num_nextn_predict_layers > mtp_depths(base):
             if not spec_for(base).supports_mtp:
                 raise ConfigError(f"num_nextn_predict_layers: {source} is a {base.config.model_type} model, which "
                                   f"has no MTP layers")
@@ -244,8 +244,8 @@ class Trainer:
                 self.tokenizer.save_pretrained(tmp)
             else:
                 model = load_model(self.source_dir, dtype="float32")
-                if self.base.model.num_mtp_layers > model.model.num_mtp_layers:
-                    add_mtp_layers(model, self.base.model.num_mtp_layers)  # weights come from `sd` below
+                if mtp_depths(self.base) > mtp_depths(model):
+                    add_mtp_layers(model, mtp_depths(self.base))  # weights come from `sd` below
                 missing, unexpected = model.load_state_dict(sd, strict=False)
                 if [k for k in missing if k != "lm_head.weight"] or unexpected:
                     raise RuntimeError(f"final weights do not match the model: missing {missing}, unexpected {unexpected}")
