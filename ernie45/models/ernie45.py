@@ -86,7 +86,7 @@ class Ernie45Model(nn.Module):
             self.mtp_linear_proj, self.mtp_block = nn.ModuleList(), nn.ModuleList()
         # MTP attention layers come after the main stack in a KV cache: layer index num_hidden_layers + d.
         L = config.num_hidden_layers
-        where = dict(device=self.embed_tokens.weight.device, dtype=self.embed_tokens.weight.dtype)
+        where = {"device": self.embed_tokens.weight.device, "dtype": self.embed_tokens.weight.dtype}
         for d in range(self.num_mtp_layers, num_mtp_layers):
             self.mtp_emb_norm.append(RMSNorm(H, config.rms_norm_eps).to(**where))
             self.mtp_hidden_norm.append(RMSNorm(H, config.rms_norm_eps).to(**where))

@@ -136,12 +136,14 @@ class FusedDecode:
     """A plan for `ernie45_decode_layers`: build with `plan_for`, run with `__call__`."""
 
     def __init__(self, model: Ernie45Model, k_layers: torch.Tensor, v_layers: torch.Tensor, rows: int,
-                 dtype: torch.dtype, static_slots: int = 0):
+                 dtype: torch.dtype, static_slots: int = 0, layers: list[nn.Module] | None = None):
         """k_layers / v_layers [L, ...]: each layer's cache, static [B, K, S, D] (static_slots = S) or paged
-        [slots, K, D] (static_slots = 0)."""
+        [slots, K, D] (static_slots = 0), indexed by the layers' `layer_idx`. `layers`: the decoder layers to run
+        (default the model's stack; the MTP drafter passes its MTP block, whose KV is layer num_hidden_layers)."""
         config = model.config
+        layers = list(model.layers) if layers is None else layers
         # Head counts and the MLP width from the weights this model holds (a tensor-parallel rank holds a slice).
-        attn0, mlp0 = model.layers[0].self_attn, model.layers[0].mlp
+        attn0, mlp0 = layers[0].self_attn, layers[0].mlp
         H, D = config.hidden_size, config.head_dim
         N, K = attn0.q_proj.out_features // D, attn0.k_proj.out_features // D
         I = mlp0.down_proj.in_features if hasattr(mlp0, "down_proj") else config.intermediate_size  # MoE: declined
@@ -160,8 +162,8 @@ class FusedDecode:
             buffer(I), buffer(I), buffer(I), buffer(H), buffer(H),
         )  # fmt: skip
         s = self.scratch
-        self.layers = (DecodeLayer * len(model.layers))()
-        for i, layer in enumerate(model.layers):
+        self.layers = (DecodeLayer * len(layers))()
+        for i, layer in enumerate(layers):
             attn, mlp = layer.self_attn, layer.mlp
             plan = self.layers[i]
             plan.input_norm = self._norm(layer.input_layernorm)
@@ -170,9 +172,10 @@ class FusedDecode:
             plan.n_gate_up = self._linears((mlp.gate_proj, mlp.up_proj), (s.gate, s.up), plan.gate_up)
             self._linears((attn.o_proj,), (s.o,), (plan.o,))
             self._linears((mlp.down_proj,), (s.down,), (plan.down,))
-            if attn.layer_idx != i or not all(map(_no_hooks, (layer, attn, mlp))):
+            if attn.layer_idx >= k_layers.shape[0] or not all(map(_no_hooks, (layer, attn, mlp))):
                 raise _NotFusable
-            plan.k_cache, plan.v_cache = k_layers[i].data_ptr(), v_layers[i].data_ptr()
+            plan.k_cache = k_layers[attn.layer_idx].data_ptr()
+            plan.v_cache = v_layers[attn.layer_idx].data_ptr()
         self._run = decode_ops.decode_layers_entry()
 
     def _norm(self, norm: RMSNorm) -> int:
@@ -228,20 +231,21 @@ class _NotFusable(Exception):
 
 
 def plan_for(model: Ernie45Model, k_layers: torch.Tensor, v_layers: torch.Tensor, x: torch.Tensor,
-             static_slots: int = 0) -> FusedDecode | None:
-    """A fused plan for these layers, this cache (see `FusedDecode`) and x's rows and dtype, or None when any part
-    is not eligible."""
+             static_slots: int = 0, layers: list[nn.Module] | None = None) -> FusedDecode | None:
+    """A fused plan for these layers (default the model's stack), this cache (see `FusedDecode`) and x's rows and
+    dtype, or None when any part is not eligible."""
+    layers = list(model.layers) if layers is None else layers
     if not decode_ops.available() or x.dtype not in (torch.float32, torch.bfloat16) or not x.is_cpu:
         return None
     rows = x.numel() // x.shape[-1]
-    if not 1 <= rows <= gemv.MAX_ROWS or k_layers.dtype != x.dtype or k_layers.shape[0] < len(model.layers):
+    if not 1 <= rows <= gemv.MAX_ROWS or k_layers.dtype != x.dtype:
         return None
-    for layer in model.layers:
+    for layer in layers:
         if not (type(layer.self_attn) is Attention and type(layer.mlp) is SwiGLU
                 and type(layer.input_layernorm) is RMSNorm and type(layer.post_attention_layernorm) is RMSNorm):
             return None  # MoE layers, LoRA-wrapped or other substituted modules  # fmt: skip
     try:
-        return FusedDecode(model, k_layers, v_layers, rows, x.dtype, static_slots)
+        return FusedDecode(model, k_layers, v_layers, rows, x.dtype, static_slots, layers)
     except _NotFusable:
         return None
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from ...models import fused_decode
 from ..scheduler import ScheduledBatch
 from .config import SpeculativeConfig
 
@@ -35,6 +36,9 @@ class MtpProposer:
         self.runner = runner
         self.block_manager = block_manager
         self.config = config
+        self.block_table_of = runner.block_table_of
+        self._plans: dict = {}
+        """(rows, dtype) -> the fused plan of the MTP block for that many rows, or None: not fusable."""
 
     def _as_input(self, hidden: torch.Tensor) -> torch.Tensor:
         """A hidden state (the main model's pre-norm output, or the head's own) as the head reads it."""
@@ -45,11 +49,51 @@ class MtpProposer:
         return self.model.lm_head(hidden).argmax(dim=-1).tolist()
 
     def _run(self, spans: list[tuple[str, int, int]], token_ids: list[int], hidden_NH: torch.Tensor) -> torch.Tensor:
+        """The head over the spans' positions (request id, start, end): its output hidden states [tokens, H]."""
         device = hidden_NH.device
         positions = torch.tensor([[p for _, start, end in spans for p in range(start, end)]], device=device)
         ids = torch.tensor([token_ids], dtype=torch.long, device=device)
+        fused = self._run_fused(spans, ids, hidden_NH, positions)
+        if fused is not None:
+            return fused
         metadata = self.runner.metadata_for(spans)
         return self.inner.mtp_forward(ids, self._as_input(hidden_NH).unsqueeze(0), positions, metadata, depth=0)[0]
+
+    def _run_fused(self, spans, ids_1N: torch.Tensor, hidden_NH: torch.Tensor, positions_1N: torch.Tensor):
+        """The MTP block in one C call (models/fused_decode.py), each token its own row: row p writes its KV to
+        position p's slot and attends positions 0..p through its sequence's blocks, and as every row's KV is
+        written before any row attends, a span's rows see each other causally. None where the fused step does
+        not apply (non-CPU, too many rows, hooks); the caller then runs the head op by op."""
+        cache, inner = self.runner.cache, self.inner
+        rows = ids_1N.shape[1]
+        if not (cache.k.is_cpu and fused_decode.fusable_step(hidden_NH)):
+            return None
+        plan = self._plans.get((rows, hidden_NH.dtype), False)
+        if plan is False:
+            plan = self._plans[(rows, hidden_NH.dtype)] = fused_decode.plan_for(
+                inner, cache.k, cache.v, hidden_NH, layers=[inner.mtp_block[0]])
+        if plan is None:
+            return None
+        bs = cache.block_size
+        slots, tables, lens = [], [], []
+        for request_id, start, end in spans:
+            table = self.block_table_of(request_id)[: -(-end // bs)]
+            for p in range(start, end):
+                slots.append(table[p // bs] * bs + p % bs)
+                tables.append(table)
+                lens.append(p + 1)
+        width = max(map(len, tables))
+        tables_MB = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+        slots_M, lens_M = torch.tensor(slots, dtype=torch.long), torch.tensor(lens, dtype=torch.int32)
+        attention = fused_decode.paged_attention(slots_M, tables_MB, lens_M, bs, cache.num_blocks)
+        if attention is None:
+            return None
+        emb = inner.mtp_emb_norm[0](inner.embed_tokens(ids_1N[0]))
+        x_NH = inner.mtp_linear_proj[0](torch.cat([emb, inner.mtp_hidden_norm[0](self._as_input(hidden_NH))], -1))
+        cos, sin = inner.rotary_emb(positions_1N)
+        x_NH = x_NH.contiguous()
+        plan(x_NH, attention, cos.contiguous(), sin.contiguous())
+        return x_NH
 
     @torch.inference_mode()
     def propose(self, batch: ScheduledBatch, num_rejected: list[int] | None,
