@@ -13,14 +13,15 @@ from ernie45.tokenizer import load_tokenizer
 from ernie45.tokenizer.testing import build_tiny_sentencepiece_tokenizer
 
 
-def make_tiny_checkpoint(out_dir: Path, seed: int = 0, moe: bool = True) -> Path:
+def make_tiny_checkpoint(out_dir: Path, seed: int = 0, moe: bool = True, **overrides) -> Path:
+    """`overrides`: config fields replacing the tiny defaults (e.g. a wider moe_intermediate_size)."""
     tok_dir = build_tiny_sentencepiece_tokenizer(out_dir.parent / f"{out_dir.name}-tokenizer")
     tokenizer = load_tokenizer(tok_dir)
     config = Ernie45Config.from_dict(dict(
         model_type="ernie4_5_moe" if moe else "ernie4_5", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, moe_num_experts=4, moe_k=2,
         moe_intermediate_size=16, moe_num_shared_experts=1, moe_layer_start_index=1, initializer_range=0.3,
-    ))
+    ) | overrides)
     model = build_empty_model(config, torch.float32)
     model.init_weights(torch.Generator().manual_seed(seed))
     ernie45.save_model(model, out_dir, tokenizer=tokenizer)

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..models.layers import linear
 from ..models.moe import Experts
+from ..quant.quantized_linear import QuantizedExperts
 from .comm import Communicator
 
 
@@ -72,18 +73,13 @@ class ParallelLMHead(nn.Module):
         return local if full is None else full[..., : self.vocab_size]
 
 
-class ExpertParallelExperts(Experts):
-    """The routed experts this rank holds (`global_ids`, stacked in that order); routing stays replicated, and each
-    rank adds only its experts' share of every token (assignments to other ranks' experts get weight 0 on a local
-    expert, so the fused kernel's shapes stay [N, K]); the MoE block's all-reduce completes the sum."""
+class _LocalExperts:
+    """Routing stays replicated, and each rank adds only its experts' share of every token (assignments to other
+    ranks' experts get weight 0 on a local expert, so the fused kernel's shapes stay [N, K]); the MoE block's
+    all-reduce completes the sum. Mixed into the dense and the quantized experts."""
 
-    def __init__(self, num_experts: int, global_ids: list[int], hidden_size: int, intermediate_size: int):
-        nn.Module.__init__(self)
-        self.num_experts = len(global_ids)
-        self.intermediate_size = intermediate_size
+    def _map_experts(self, num_experts: int, global_ids: list[int]) -> None:
         self.global_ids = list(global_ids)
-        self.gate_up_proj = nn.Parameter(torch.empty(len(global_ids), 2 * intermediate_size, hidden_size))
-        self.down_proj = nn.Parameter(torch.empty(len(global_ids), hidden_size, intermediate_size))
         # vLLM's expert_map (-1: another rank's expert). A plain attribute, not a buffer: the model is built on the
         # meta device and materialised with to_empty, which would leave a buffer uninitialised.
         local = torch.full((num_experts,), -1, dtype=torch.long, device="cpu")
@@ -96,3 +92,23 @@ class ExpertParallelExperts(Experts):
         local_NK = self.local_of_global[idx_NK]
         remote = local_NK < 0
         return super().forward(x_NH, local_NK.masked_fill(remote, 0), w_NK.masked_fill(remote, 0.0), shared)
+
+
+class ExpertParallelExperts(_LocalExperts, Experts):
+    """The routed experts this rank holds (`global_ids`, stacked in that order)."""
+
+    def __init__(self, num_experts: int, global_ids: list[int], hidden_size: int, intermediate_size: int):
+        nn.Module.__init__(self)
+        self.num_experts = len(global_ids)
+        self.intermediate_size = intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(len(global_ids), 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(len(global_ids), hidden_size, intermediate_size))
+        self._map_experts(num_experts, global_ids)
+
+
+class ExpertParallelQuantizedExperts(_LocalExperts, QuantizedExperts):
+    """The packed routed experts this rank holds (`global_ids`, stacked in that order)."""
+
+    def __init__(self, num_experts: int, global_ids: list[int], gate_up_proj, down_proj):
+        QuantizedExperts.__init__(self, gate_up_proj, down_proj)
+        self._map_experts(num_experts, global_ids)

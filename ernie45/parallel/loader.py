@@ -17,7 +17,10 @@ from ..checkpoint.hf_layout import Target, place
 from ..checkpoint.hub import resolve_model_path
 from ..checkpoint.loader import _open, build_empty_model, list_weight_files, parse_dtype, read_optional_json
 from ..models.registry import spec_for
+from ..quant.modules import apply_quantization_config
+from ..quant.packing import BLOCK_BYTES, codes_per_byte, pack_codes, unpack_codes
 from .comm import Communicator
+from .quant_sharding import is_quantized
 from .sharding import Shard, shard_model
 
 
@@ -28,9 +31,6 @@ def check_shardable(directory: Path, world_size: int, expert_parallel: bool = Fa
     if spec.family != "text":
         raise ValueError(f"{directory}: tensor_parallel_size > 1 supports the text models (ernie4_5, ernie4_5_moe); "
                          f"{raw.get('model_type')!r} is not supported yet")
-    if "quantization_config" in raw:
-        raise ValueError(f"{directory}: packed (quantization_config) checkpoints are not supported with "
-                         f"tensor_parallel_size > 1 yet; serve the full-precision checkpoint")
     if paddle_layout.detect(directory / "config.json", raw, list_weight_files(directory)):
         raise ValueError(f"{directory}: Paddle-layout checkpoints are not supported with tensor_parallel_size > 1; "
                          f"convert once with `ernie45 convert {directory} OUT --to hf`")
@@ -49,6 +49,13 @@ def check_shardable(directory: Path, world_size: int, expert_parallel: bool = Fa
     for what, width in widths.items():
         if width % world_size:
             raise ValueError(f"{directory}: tensor_parallel_size ({world_size}) must divide {what} ({width})")
+    if "quantization_config" in raw:  # every packed split checked (group boundaries) on a meta-device rank 0
+        try:
+            build_empty_model(config, torch.float32, 0, "meta",
+                              transform=_rank_transform(config, Communicator(0, world_size, None, None),
+                                                        expert_parallel, "linear", {}))
+        except ValueError as exc:
+            raise ValueError(f"{directory}: {exc}") from exc
 
 
 def load_shard(model: str | Path, comm: Communicator, dtype: str | torch.dtype | None = "auto", device="cpu",
@@ -60,14 +67,45 @@ def load_shard(model: str | Path, comm: Communicator, dtype: str | torch.dtype |
     config = spec.config_class.from_file(directory)
     weight_files = list_weight_files(directory)
     plan: dict[str, Shard] = {}
+    packed_dtypes: dict[str, torch.dtype] = {}
     net = build_empty_model(config, parse_dtype(dtype, config.extra), 0, device,
-                            transform=lambda m: plan.update(shard_model(m, comm, expert_parallel, placement)))
+                            transform=_rank_transform(config, comm, expert_parallel, placement, plan, packed_dtypes))
+    _restore_packed_dtypes(net, packed_dtypes)
     fill_shards(net, directory, weight_files, plan, spec.layout, comm.rank)
     net.eval()
     net.source_dir = directory
     net.generation_config = read_optional_json(directory / "generation_config.json")
     net.shard_plan = plan
     return net
+
+
+def _rank_transform(config, comm: Communicator, expert_parallel: bool, placement: str, plan: dict[str, Shard],
+                    packed_dtypes: dict[str, torch.dtype] | None = None):
+    """The meta-model transform of one rank: a packed checkpoint's quantized modules swapped in (as the
+    single-process loader does), then the rank's slices (`plan` filled); `packed_dtypes` records the quantized
+    modules' tensor dtypes, which `build_empty_model`'s cast to the model dtype must not keep."""
+
+    def transform(model) -> None:
+        if "quantization_config" in config.extra:
+            apply_quantization_config(model, config.extra["quantization_config"])
+        plan.update(shard_model(model, comm, expert_parallel, placement))
+        if packed_dtypes is not None:
+            for name, module in model.named_modules():
+                if is_quantized(module):
+                    packed_dtypes.update({f"{name}.{n}": p.dtype for n, p in module.named_parameters()})
+
+    return transform
+
+
+def _restore_packed_dtypes(net, packed_dtypes: dict[str, torch.dtype]) -> None:
+    """Give the packed tensors (uint8 codes, fp16 scales) their own dtype back, uninitialised (filled next)."""
+    for name, dtype in packed_dtypes.items():
+        owner_name, _, attr = name.rpartition(".")
+        owner = net.get_submodule(owner_name)
+        param = getattr(owner, attr)
+        if param.dtype != dtype:
+            setattr(owner, attr, torch.nn.Parameter(torch.empty(param.shape, dtype=dtype, device=param.device),
+                                                    requires_grad=False))
 
 
 def fill_shards(net, directory: Path, weight_files: dict[str, Path], plan: dict[str, Shard], layout,
@@ -144,16 +182,14 @@ def _pieces(sl, target: Target, param: torch.Tensor, shard: Shard | None, rank: 
             tensor = sl[global_id : global_id + 1][0]
             yield param[local], tensor
         return
-    index = [slice(None)] * len(shape)
     if target.expert is None and param.dim() == 3:  # stacked experts on disk, tensor parallel
         yield from _stacked_expert_slices(sl, target, param, shard)
         return
-    index[shard.dim] = slice(shard.start, shard.stop)
-    tensor = sl[tuple(index)]
+    tensor = _read(sl, shape, shard)
     if target.expert is not None:
         yield place(param, target, tensor), tensor
     else:
-        yield param.narrow(shard.dim, 0, shard.stop - shard.start), tensor
+        yield param.narrow(shard.dim, 0, tensor.shape[shard.dim]), tensor  # a padded vocab slice: its real rows
 
 
 def _stacked_expert_slices(sl, target: Target, param: torch.Tensor, shard: Shard):
@@ -165,6 +201,25 @@ def _stacked_expert_slices(sl, target: Target, param: torch.Tensor, shard: Shard
         for start, offset in ((shard.start, 0), (inter + shard.start, local)):
             tensor = sl[:, start : start + local, :]
             yield param[:, offset : offset + local, :], tensor
-    else:
-        tensor = sl[:, :, shard.start : shard.stop]
-        yield param, tensor
+    else:  # the per-expert split's dim, one further in
+        yield param, _read(sl, sl.get_shape(), dataclasses.replace(shard, dim=shard.dim + 1))
+
+
+def _read(sl, shape, shard: Shard) -> torch.Tensor:
+    """Indices [start, stop) of `shard.dim` of a checkpoint tensor; of packed codes, the blocks that cover those
+    weights along the last dim, re-packed when the split falls inside a block (`quant.packing` layout)."""
+    index = [slice(None)] * len(shape)
+    if shard.codes_bits is None:
+        index[shard.dim] = slice(shard.start, shard.stop)
+        return sl[tuple(index)]
+    if shard.dim != len(shape) - 1:
+        raise ValueError(f"packed codes split along dim {shard.dim}; only their last dim packs weights")
+    per_block = BLOCK_BYTES * codes_per_byte(shard.codes_bits)
+    first, end = shard.start // per_block, -(-shard.stop // per_block)
+    index[-1] = slice(first * BLOCK_BYTES, end * BLOCK_BYTES)
+    raw = sl[tuple(index)]
+    if shard.start % per_block == 0 and (shard.stop - shard.start) % per_block == 0:
+        return raw  # whole blocks: the rank's codes exactly as stored
+    codes = unpack_codes(raw, shard.codes_bits, (end - first) * per_block)
+    offset = shard.start - first * per_block
+    return pack_codes(codes[..., offset : offset + shard.stop - shard.start], shard.codes_bits)

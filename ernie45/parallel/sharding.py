@@ -6,14 +6,14 @@ Megatron's split: q/k/v, gate/up column-parallel (output rows split), o_proj / d
 split, their blocks' outputs summed across ranks), embedding and LM head split by vocabulary. KV heads are split
 when the ranks divide them and replicated (each rank the one its query heads use) when there are more ranks than
 KV heads, as vLLM does. MoE: each routed expert split by width (tensor parallel) or whole experts placed across the
-ranks (`expert_parallel`); the router stays replicated and the shared experts tensor-parallel.
+ranks (`expert_parallel`); the router stays replicated and the shared experts tensor-parallel. Packed
+weight-only linears and experts (`ernie45.quant`) split the same way, whole quantization groups per rank
+(`quant_sharding`).
 
 Legend: N ranks, r this rank, Q query heads, K kv heads, D head dim, I MLP / expert width, E experts.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -21,21 +21,19 @@ from torch import nn
 from ..models.attention import Attention
 from ..models.layers import Linear, SwiGLU
 from ..models.moe import Experts, MoeBlock
+from ..quant.quantized_linear import QuantizedExperts, QuantizedLinear
 from .comm import Communicator
-from .layers import ExpertParallelExperts, ParallelLMHead, VocabParallelEmbedding, all_reduce_output
+from .layers import (
+    ExpertParallelExperts,
+    ExpertParallelQuantizedExperts,
+    ParallelLMHead,
+    VocabParallelEmbedding,
+    all_reduce_output,
+)
+from .plan import Shard
+from .quant_sharding import column_quantized, place_quantized_experts, row_quantized, shard_quantized_experts
 
-
-@dataclass(frozen=True)
-class Shard:
-    """The part of a checkpoint tensor a rank reads into a parameter: indices [start, stop) along `dim`,
-    everything on rank 0 and zeros elsewhere (`rank0_only`: biases of row-parallel linears, added once), or for
-    stacked experts the global -> local expert ids it holds (`experts`; expert parallel)."""
-
-    dim: int | None = None
-    start: int = 0
-    stop: int = 0
-    rank0_only: bool = False
-    experts: dict[int, int] | None = field(default=None, hash=False)
+__all__ = ["Shard", "expert_ids_of_rank", "kv_heads_of_rank", "shard_model"]
 
 
 def expert_ids_of_rank(num_experts: int, world_size: int, rank: int, placement: str) -> list[int]:
@@ -72,11 +70,39 @@ def _split(width: int, world_size: int, rank: int, what: str) -> tuple[int, int]
     return rank * per, (rank + 1) * per
 
 
+def _column(parent: nn.Module, attr: str, name: str, start: int, stop: int, plan: dict[str, Shard]) -> None:
+    """`parent.attr` keeps output rows [start, stop) (column-parallel)."""
+    linear = getattr(parent, attr)
+    if type(linear) is QuantizedLinear:
+        setattr(parent, attr, column_quantized(linear, name, start, stop, plan))
+        return
+    _check_plain(linear, name)
+    _narrow(linear, out_features=stop - start)
+    plan[f"{name}.weight"] = plan[f"{name}.bias"] = Shard(0, start, stop)
+
+
+def _row(parent: nn.Module, attr: str, name: str, start: int, stop: int, world_size: int,
+         plan: dict[str, Shard]) -> None:
+    """`parent.attr` keeps input columns [start, stop) (row-parallel; its bias is added on rank 0 only)."""
+    linear = getattr(parent, attr)
+    if type(linear) is QuantizedLinear:
+        setattr(parent, attr, row_quantized(linear, name, start, stop, world_size, plan))
+        return
+    _check_plain(linear, name)
+    _narrow(linear, in_features=stop - start)
+    plan[f"{name}.weight"] = Shard(1, start, stop)
+    plan[f"{name}.bias"] = Shard(rank0_only=True)
+
+
+def _check_plain(linear: nn.Module, name: str) -> None:
+    if type(linear) is not Linear:
+        raise ValueError(f"{name}: tensor parallelism shards plain and quantized linears; found "
+                         f"{type(linear).__name__} (LoRA-wrapped models are not supported with tensor_parallel_size "
+                         f"> 1 yet)")
+
+
 def _narrow(linear: nn.Module, out_features: int | None = None, in_features: int | None = None) -> None:
     """Give a Linear weights of its slice's shape (meta, filled by the loader)."""
-    if type(linear) is not Linear:
-        raise ValueError(f"tensor parallelism shards plain linears; found {type(linear).__name__} (quantized or "
-                         f"LoRA-wrapped models are not supported with tensor_parallel_size > 1 yet)")
     out_f = out_features or linear.out_features
     in_f = in_features or linear.in_features
     linear.weight = nn.Parameter(torch.empty(out_f, in_f, dtype=linear.weight.dtype, device=linear.weight.device))
@@ -88,12 +114,8 @@ def _narrow(linear: nn.Module, out_features: int | None = None, in_features: int
 def _shard_swiglu(mlp: SwiGLU, prefix: str, comm: Communicator, plan: dict[str, Shard], what: str) -> None:
     start, stop = _split(mlp.down_proj.in_features, comm.world_size, comm.rank, what)
     for name in ("gate_proj", "up_proj"):
-        _narrow(getattr(mlp, name), out_features=stop - start)
-        plan[f"{prefix}.{name}.weight"] = Shard(0, start, stop)
-        plan[f"{prefix}.{name}.bias"] = Shard(0, start, stop)
-    _narrow(mlp.down_proj, in_features=stop - start)
-    plan[f"{prefix}.down_proj.weight"] = Shard(1, start, stop)
-    plan[f"{prefix}.down_proj.bias"] = Shard(rank0_only=True)
+        _column(mlp, name, f"{prefix}.{name}", start, stop, plan)
+    _row(mlp, "down_proj", f"{prefix}.down_proj", start, stop, comm.world_size, plan)
 
 
 def _shard_attention(attn: Attention, prefix: str, comm: Communicator, plan: dict[str, Shard]) -> int:
@@ -102,14 +124,10 @@ def _shard_attention(attn: Attention, prefix: str, comm: Communicator, plan: dic
     q_per = attn.num_heads // N
     q_rows = Shard(0, r * q_per * D, (r + 1) * q_per * D)
     kv_rows = Shard(0, kv_first * D, (kv_first + kv_count) * D)
-    _narrow(attn.q_proj, out_features=q_per * D)
-    _narrow(attn.k_proj, out_features=kv_count * D)
-    _narrow(attn.v_proj, out_features=kv_count * D)
-    _narrow(attn.o_proj, in_features=q_per * D)
-    for name, rows in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
-        plan[f"{prefix}.{name}.weight"] = plan[f"{prefix}.{name}.bias"] = rows
-    plan[f"{prefix}.o_proj.weight"] = Shard(1, q_rows.start, q_rows.stop)
-    plan[f"{prefix}.o_proj.bias"] = Shard(rank0_only=True)
+    _column(attn, "q_proj", f"{prefix}.q_proj", q_rows.start, q_rows.stop, plan)
+    for name in ("k_proj", "v_proj"):
+        _column(attn, name, f"{prefix}.{name}", kv_rows.start, kv_rows.stop, plan)
+    _row(attn, "o_proj", f"{prefix}.o_proj", q_rows.start, q_rows.stop, N, plan)
     attn.num_heads, attn.num_kv_heads = q_per, kv_count
     return kv_count
 
@@ -118,18 +136,26 @@ def _shard_moe(moe: MoeBlock, prefix: str, comm: Communicator, plan: dict[str, S
                placement: str) -> None:
     experts = moe.experts
     E, I = experts.num_experts, experts.intermediate_size
-    H = experts.gate_up_proj.shape[-1]
-    if type(experts) is not Experts:
-        raise ValueError(f"{prefix}.experts: {type(experts).__name__} cannot be sharded (quantized or LoRA experts "
-                         f"are not supported with tensor_parallel_size > 1 yet)")
+    quantized = type(experts) is QuantizedExperts
+    if type(experts) is not Experts and not quantized:
+        raise ValueError(f"{prefix}.experts: {type(experts).__name__} cannot be sharded (LoRA experts are not "
+                         f"supported with tensor_parallel_size > 1 yet)")
     if expert_parallel:
         ids = expert_ids_of_rank(E, comm.world_size, comm.rank, placement)
-        moe.experts = ExpertParallelExperts(E, ids, H, I)
         local = {g: i for i, g in enumerate(ids)}
-        plan[f"{prefix}.experts.gate_up_proj"] = Shard(experts=local)
-        plan[f"{prefix}.experts.down_proj"] = Shard(experts=local)
+        if quantized:
+            moe.experts = ExpertParallelQuantizedExperts(
+                E, ids, *place_quantized_experts(experts, f"{prefix}.experts", local, plan))
+        else:
+            moe.experts = ExpertParallelExperts(E, ids, experts.gate_up_proj.shape[-1], I)
+            plan[f"{prefix}.experts.gate_up_proj"] = Shard(experts=local)
+            plan[f"{prefix}.experts.down_proj"] = Shard(experts=local)
+    elif quantized:
+        start, stop = _split(I, comm.world_size, comm.rank, "moe_intermediate_size")
+        moe.experts = shard_quantized_experts(experts, f"{prefix}.experts", start, stop, comm.world_size, plan)
     else:
         start, stop = _split(I, comm.world_size, comm.rank, "moe_intermediate_size")
+        H = experts.gate_up_proj.shape[-1]
         dtype, device = experts.gate_up_proj.dtype, experts.gate_up_proj.device
         experts.gate_up_proj = nn.Parameter(torch.empty(E, 2 * (stop - start), H, dtype=dtype, device=device))
         experts.down_proj = nn.Parameter(torch.empty(E, H, stop - start, dtype=dtype, device=device))
@@ -149,6 +175,9 @@ def shard_model(model: nn.Module, comm: Communicator, expert_parallel: bool = Fa
     inner = model.model
     if getattr(inner, "num_mtp_layers", 0):
         raise ValueError("tensor parallelism does not shard MTP layers yet; build the model without them")
+    if type(model.lm_head) is not Linear:
+        raise ValueError(f"lm_head: a {type(model.lm_head).__name__} head cannot be split by vocabulary yet "
+                         f"(quantize without quantize_lm_head to serve with tensor_parallel_size > 1)")
     plan: dict[str, Shard] = {}
     device = inner.embed_tokens.weight.device
     with torch.device(device):
