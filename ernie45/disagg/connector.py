@@ -3,8 +3,10 @@
 The engine core owns the block pool; a connector only moves bytes. Serving side: `start(exports, cache)` serves
 the `ExportTable`'s exports and returns the address a decode instance fetches from. Fetching side:
 `fetch(source, transfer_id, num_held)` asks for an export's tokens, lets `num_held(token_ids)` say how many
-leading blocks the caller already holds (its prefix cache), and returns only the rest. Implementations: TCP
-(`tcp.TcpConnector`); a shared-memory or RDMA one would implement the same three methods.
+leading blocks the caller already holds (its prefix cache), and returns only the rest. Implementation:
+`tcp.TcpConnector`, whose blocks travel in the TCP stream or, between two processes on one host, in a
+shared-memory segment (shm.py) while the stream carries only the control messages; an RDMA one would implement
+the same three methods.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable
 from dataclasses import dataclass
+
+TRANSFERS = ("auto", "shm", "tcp")
 
 from .exports import ExportTable
 
@@ -22,17 +26,26 @@ class TransferError(RuntimeError):
 
 @dataclass
 class Fetched:
-    """What a fetch brought back: blocks `first ..` of the export's token ids, packed (wire.pack_blocks)."""
+    """What a fetch brought back: blocks `first ..` of the export's token ids, packed (wire.pack_blocks) in a
+    buffer (a bytearray, or a shared-memory mapping: then `close` must be called once the import is done)."""
 
     token_ids: list[int]
     first: int
     num_blocks: int
     payload: bytearray
     seconds: float
+    transport: str = "tcp"
+    release: Callable[[], None] | None = None
 
     @property
     def nbytes(self) -> int:
         return len(self.payload)
+
+    def close(self) -> None:
+        if self.release is not None:
+            self.release()
+            self.release = None
+        self.payload = bytearray()
 
 
 class KVConnector(abc.ABC):

@@ -6,7 +6,8 @@ Export (role prefill): when a request finishes, its prompt's full blocks (all bu
 token, which the decode side recomputes, as vLLM's example connector does) are still in the prefix cache; they are
 pinned under `kv-export:<request id>` and served until fetched or `export_timeout_s`.
 
-Import (any role): the fetch asks how many leading blocks the prefix cache already holds and brings only the rest;
+Import (any role): the fetch asks how many leading blocks the prefix cache already holds and brings only the rest
+(through a shared-memory segment when both instances are on one host, else in the TCP stream: tcp.py);
 the core then allocates blocks for them, writes the bytes and registers them in the prefix cache under the chain
 hashes of their tokens, held under `kv-import:<key>` until a request takes them (its admission adds a reference to
 the last one) or `import_hold_s` passes. The request itself then goes through the normal scheduler: its prefix
@@ -44,14 +45,15 @@ class DisaggCore:
         self.role = config.role
         self._send = send
         self.exports = ExportTable(config.export_timeout_s)
-        self.connector = TcpConnector(engine.cache, config.kv_host, config.kv_port, config.fetch_timeout_s)
+        self.connector = TcpConnector(engine.cache, config.kv_host, config.kv_port, config.fetch_timeout_s,
+                                      config.kv_transfer)
         self.kv_address = self.connector.start(self.exports, engine.cache)
         self._fetched: queue.SimpleQueue = queue.SimpleQueue()  # (key, Fetched | Exception) from fetch threads
         self._num_fetching = 0
         self._holders: dict[str, tuple[int, float]] = {}  # holder id -> (its last block, deadline)
         self.counters = dict.fromkeys((
             "kv_exports", "kv_exports_expired", "kv_export_blocks", "kv_imports", "kv_imports_failed",
-            "kv_import_blocks", "kv_import_blocks_cached", "kv_import_bytes"), 0)
+            "kv_import_blocks", "kv_import_blocks_cached", "kv_import_bytes", "kv_import_bytes_shm"), 0)
         self.import_seconds = 0.0
         logger.info("disaggregation: role %s, KV transfer server on %s", self.role, self.kv_address)
 
@@ -136,7 +138,12 @@ class DisaggCore:
                 break
             self._num_fetching -= 1
             changed = True
-            self._send(("reply", key, self._import(key, result)))
+            try:
+                reply = self._import(key, result)
+            finally:
+                if isinstance(result, Fetched):
+                    result.close()  # a shared-memory mapping is unmapped whether or not the import worked
+            self._send(("reply", key, reply))
         bm = self.engine.block_manager
         for export in self.exports.take_releasable():
             bm.free(f"kv-export:{export.transfer_id}")
@@ -163,7 +170,8 @@ class DisaggCore:
         num = total if len(hits) >= fetched.first else len(hits)  # a held block evicted meanwhile breaks the chain
         holder = f"kv-import:{key}"
         reply = {"ok": True, "num_blocks": total, "blocks_cached": min(len(hits), num),
-                 "blocks_imported": 0, "bytes": fetched.nbytes, "fetch_seconds": fetched.seconds}
+                 "blocks_imported": 0, "bytes": fetched.nbytes, "fetch_seconds": fetched.seconds,
+                 "transport": fetched.transport}
         if num == 0 or bm.has_request(holder):
             return reply
         if not bm.allocate_slots(holder, num * bs, hits[:num]):
@@ -183,6 +191,8 @@ class DisaggCore:
         self.counters["kv_import_blocks"] += len(new_blocks)
         self.counters["kv_import_blocks_cached"] += min(len(hits), num)
         self.counters["kv_import_bytes"] += fetched.nbytes
+        if fetched.transport == "shm":
+            self.counters["kv_import_bytes_shm"] += fetched.nbytes
         self.import_seconds += fetched.seconds
         return {**reply, "blocks_imported": len(new_blocks)}
 

@@ -3,7 +3,8 @@ counters on /metrics.
 
     GET  /disagg/info                              -> {"role", "kv_address", counters}
     POST /disagg/import {"source", "transfer_id"}  -> {"ok", "num_blocks", "blocks_cached", "blocks_imported",
-                                                       "bytes", "fetch_seconds"} once the blocks are in the cache
+                                                       "bytes", "fetch_seconds", "transport"} once the blocks
+                                                       are in the cache
     POST /disagg/role {"role"}                     -> {"ok", "role", ...}
 
 Each is one keyed control message to the engine core, answered by a ("reply", key, dict) message.
@@ -34,6 +35,7 @@ _COUNTERS = {
     "kv_import_blocks": "KV blocks transferred in.",
     "kv_import_blocks_cached": "KV blocks an import found in the prefix cache already (not transferred).",
     "kv_import_bytes": "KV bytes transferred in.",
+    "kv_import_bytes_shm": "KV bytes of those that came through a shared-memory segment (same host).",
 }
 _GAUGES = {
     "kv_exports_pending": "Exports waiting to be fetched (their blocks are pinned).",

@@ -54,6 +54,9 @@ def add_disagg_arguments(p: argparse.ArgumentParser) -> None:
                         "(default; no KV transfer server unless --kv-port is given)")
     g.add_argument("--kv-host", default="127.0.0.1", help="address of the KV transfer server")
     g.add_argument("--kv-port", type=int, default=None, help="its TCP port (default: one the OS picks)")
+    g.add_argument("--kv-transfer", default="auto", choices=("auto", "shm", "tcp"),
+                   help="how a decode instance fetches KV blocks: auto (a shared-memory segment when the prefill "
+                        "instance is on this host, else TCP), shm, tcp; control messages always use TCP")
     g.add_argument("--kv-export-timeout", type=float, default=30.0,
                    help="seconds an exported KV waits to be fetched before its blocks are freed")
 
@@ -65,7 +68,7 @@ def disagg_config_from_args(args: argparse.Namespace):
     if args.role == "mixed" and args.kv_port is None:
         return None
     return DisaggConfig(role=args.role, kv_host=args.kv_host, kv_port=args.kv_port or 0,
-                        export_timeout_s=args.kv_export_timeout)
+                        kv_transfer=args.kv_transfer, export_timeout_s=args.kv_export_timeout)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -82,6 +83,18 @@ def disagg_info(server: ServerProcess) -> dict:
     return httpx.get(server.url + "/disagg/info", timeout=10).json()
 
 
+def kv_segments_of(server: ServerProcess) -> list[str]:
+    """Shared-memory KV segments (ernie45.disagg.shm) left by the instance's processes (the engine core is a
+    child of the server process)."""
+    pids = {server.process.pid}
+    for task in Path(f"/proc/{server.process.pid}/task").glob("*"):
+        try:
+            pids.update(int(p) for p in (task / "children").read_text().split())
+        except OSError:
+            pass
+    return [n for n in os.listdir("/dev/shm") if n.startswith("ernie45-kv-") and int(n.split("-")[2]) in pids]
+
+
 def wait_pool_full(server: ServerProcess, timeout: float = 15.0) -> dict[str, float]:
     """The instance's metrics once every KV block is free again (exports fetched or expired, imports released)."""
     m = server.wait_idle(timeout)
@@ -89,4 +102,5 @@ def wait_pool_full(server: ServerProcess, timeout: float = 15.0) -> dict[str, fl
     return m
 
 
-__all__ = ["MODEL_NAME", "RouterProcess", "ServerProcess", "disagg_info", "start_instances", "wait_pool_full"]
+__all__ = ["MODEL_NAME", "RouterProcess", "ServerProcess", "disagg_info", "kv_segments_of", "start_instances",
+           "wait_pool_full"]

@@ -1,10 +1,12 @@
 """The engine core's side of disaggregation in one process: two engines, their DisaggCores and the real TCP
-connector on loopback. Blocks arrive bit-exact and the continued generation equals the unsplit one; failed imports
-(unknown export, a full pool, a layout mismatch, a write that raises) leave the decode pool as it was; exports
-expire; the block manager's invariants hold throughout."""
+connector on loopback, the blocks in the stream (tcp) or in a shared-memory segment (shm). Blocks arrive bit-exact
+and the continued generation equals the unsplit one; failed imports (unknown export, a full pool, a layout
+mismatch, a write that raises) leave the decode pool as it was; exports expire; the block manager's invariants hold
+throughout, and no segment is left in /dev/shm."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -57,15 +59,21 @@ def _import(core: DisaggCore, replies: list, source: str, transfer_id: str) -> d
     return replies.pop()[2]
 
 
-@pytest.fixture(scope="module")
-def pair(checkpoint):
+def our_segments() -> list[str]:
+    """Shared-memory KV segments this process (both sides of every pair here) created and did not unlink."""
+    return [n for n in os.listdir("/dev/shm") if n.startswith(f"ernie45-kv-{os.getpid()}-")]
+
+
+@pytest.fixture(scope="module", params=["tcp", "shm"])
+def pair(checkpoint, request):
     p_engine, d_engine = _engine(checkpoint), _engine(checkpoint)
     p_replies, d_replies = [], []
     p = DisaggCore(p_engine, DisaggConfig(role="prefill", export_timeout_s=0.5), p_replies.append)
-    d = DisaggCore(d_engine, DisaggConfig(role="decode"), d_replies.append)
+    d = DisaggCore(d_engine, DisaggConfig(role="decode", kv_transfer=request.param), d_replies.append)
     yield p, d, d_replies
     p.close()
     d.close()
+    assert our_segments() == []
 
 
 def test_imported_blocks_are_bit_exact_and_generation_continues(pair, checkpoint):
@@ -75,6 +83,7 @@ def test_imported_blocks_are_bit_exact_and_generation_continues(pair, checkpoint
     assert p.stats()["kv_exports_pending"] == 1 and p.stats()["kv_export_blocks"] == 4
     reply = _import(d, replies, p.kv_address, "r1")
     assert reply["ok"] and (reply["blocks_imported"], reply["blocks_cached"]) == (4, 0)
+    assert reply["transport"] == d.config.kv_transfer and our_segments() == []
     block_bytes = 2 * 2 * 16 * 2 * 16 * 4  # K and V x layers x block slots x kv heads x head dim x fp32
     assert reply["bytes"] == 4 * block_bytes
     p_blocks, _ = p.engine.block_manager.get_computed_blocks(PROMPT, record_stats=False)
@@ -141,6 +150,7 @@ def test_failed_imports_leave_the_pool_as_it_was(pair, checkpoint, monkeypatch):
     finally:
         core.close()
     assert d.stats()["kv_imports_failed"] == 2
+    assert our_segments() == []
 
 
 def test_unfetched_exports_expire(pair):

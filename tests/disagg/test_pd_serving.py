@@ -13,7 +13,7 @@ import time
 import httpx
 import openai
 
-from .cluster import EXPORT_TIMEOUT_S, MODEL_NAME, disagg_info, wait_pool_full
+from .cluster import EXPORT_TIMEOUT_S, MODEL_NAME, disagg_info, kv_segments_of, wait_pool_full
 
 # Prompts from 1 to ~6 KV blocks (16 tokens each), so some imports carry nothing and some several blocks.
 PROMPTS = [f"question {i}: " + "tell me about the weather in the mountains " * (i % 6) for i in range(16)]
@@ -60,6 +60,10 @@ def test_greedy_outputs_equal_a_mixed_instance(cluster):
     # Every request went through the decode instance's import, and the mixed reference saw none of them.
     d = disagg_info(cluster["decode"])
     assert d["kv_imports"] == 32 and d["kv_imports_failed"] == 0
+    # Both on this host: the blocks came through shared memory (the default --kv-transfer auto), and every
+    # segment is unlinked once mapped.
+    assert d["kv_import_bytes_shm"] == d["kv_import_bytes"] > 0
+    assert kv_segments_of(cluster["prefill"]) == []
     assert after['ernie45:router_ttft_first_decode_seconds_count'] == 16  # streamed requests are timed
     assert after['ernie45:router_ttft_transfer_seconds_count'] == 16
     for server in (cluster["prefill"], cluster["decode"]):
