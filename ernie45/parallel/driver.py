@@ -43,6 +43,8 @@ class TensorParallelDriver:
         self.workers: list[Worker] = []
         self.comm: Communicator | None = None
         self.broken: str | None = None
+        self._in_call = False
+        """True while rank 0 runs a call it announced (nested model calls are not announced again)."""
 
     # ------------------------------------------------------------------------------------------ start / stop
     def start(self):
@@ -110,11 +112,24 @@ class TensorParallelDriver:
         def mirrored_logits(hidden):
             return self._call(("compute_logits", hidden), lambda: compute_logits(hidden))
 
+        embed_input_ids = model.embed_input_ids
+
+        @functools.wraps(embed_input_ids)
+        def mirrored_embed(input_ids):
+            # VL steps embed the step's tokens before the forward (vision rows are placed over them): the
+            # vocab-parallel embedding's all-reduce needs every rank. Inside a mirrored call the workers are already
+            # running the same code, so it is called directly there.
+            if self._in_call:
+                return embed_input_ids(input_ids)
+            return self._call(("embed_input_ids", input_ids), lambda: embed_input_ids(input_ids))
+
         model.forward_inputs = mirrored_forward
         model.compute_logits = mirrored_logits
+        model.embed_input_ids = mirrored_embed
 
     def _call(self, command: tuple, run):
         self.check_alive()
+        self._in_call = True
         try:
             self.comm.broadcast_command(command)
             return run()
@@ -122,6 +137,8 @@ class TensorParallelDriver:
             dead = self._dead_workers()
             self.broken = f"{dead or 'a tensor-parallel worker stopped answering'} ({exc})"
             raise ParallelWorkerError(f"tensor-parallel step failed: {self.broken}; restart the engine") from exc
+        finally:
+            self._in_call = False
 
     def report(self, cache=None) -> list[dict]:
         """Every rank's `worker.rank_report` (rank 0's with the engine's `cache`), in rank order."""

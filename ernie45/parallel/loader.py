@@ -28,24 +28,27 @@ def check_shardable(directory: Path, world_size: int, expert_parallel: bool = Fa
     """ValueError for a checkpoint tensor parallelism cannot serve (before any worker is started)."""
     raw = json.loads((directory / "config.json").read_text(encoding="utf-8"))
     spec = spec_for(raw.get("model_type"))
-    if spec.family != "text":
-        raise ValueError(f"{directory}: tensor_parallel_size > 1 supports the text models (ernie4_5, ernie4_5_moe); "
-                         f"{raw.get('model_type')!r} is not supported yet")
+    if "quantization_config" in raw and not spec.supports_quantized_checkpoints:
+        raise ValueError(f"{directory}: packed (quantization_config) checkpoints of {spec.family} models are not "
+                         f"supported; serve the full-precision checkpoint")
     if paddle_layout.detect(directory / "config.json", raw, list_weight_files(directory)):
         raise ValueError(f"{directory}: Paddle-layout checkpoints are not supported with tensor_parallel_size > 1; "
                          f"convert once with `ernie45 convert {directory} OUT --to hf`")
     config = spec.config_class.from_dict(raw, source=str(directory / "config.json"))
+    text = spec.text_config(config)
     from .sharding import expert_ids_of_rank, kv_heads_of_rank
 
-    kv_heads_of_rank(config.num_attention_heads, config.num_key_value_heads, world_size, 0)
-    widths = {"intermediate_size": config.intermediate_size}
-    if config.has_moe_layers:
-        widths["moe_intermediate_size * moe_num_shared_experts"] = (config.moe_intermediate_size
-                                                                    * config.moe_num_shared_experts)
+    kv_heads_of_rank(text.num_attention_heads, text.num_key_value_heads, world_size, 0)
+    widths = {"intermediate_size": text.intermediate_size}
+    if text.has_moe_layers:
+        widths["moe_intermediate_size * moe_num_shared_experts"] = (text.moe_intermediate_size
+                                                                    * text.moe_num_shared_experts)
         if expert_parallel:
-            expert_ids_of_rank(config.moe_num_experts, world_size, 0, "linear")
+            expert_ids_of_rank(text.moe_num_experts, world_size, 0, "linear")
         else:
-            widths["moe_intermediate_size"] = config.moe_intermediate_size
+            widths["moe_intermediate_size"] = text.moe_intermediate_size
+            if spec.is_multimodal:
+                widths["vision_moe_intermediate_size"] = config.vision_moe_intermediate_size
     for what, width in widths.items():
         if width % world_size:
             raise ValueError(f"{directory}: tensor_parallel_size ({world_size}) must divide {what} ({width})")
@@ -159,13 +162,14 @@ def _expected(param: torch.Tensor, shard: Shard | None, rank: int) -> int:
 
 def _pieces(sl, target: Target, param: torch.Tensor, shard: Shard | None, rank: int):
     """(view of param, tensor read from the slice handle) pairs for one checkpoint tensor."""
-    if target.transpose or target.source_row is not None:
-        raise ValueError("transposed / row-sourced tensors (VL layout) cannot be sharded")
     shape = sl.get_shape()
-    if shard is None:
-        tensor = sl[:]
+    if shard is None:  # replicated: read whole (the VL layout's transposed gates and stacked biases included)
+        tensor = target.source(sl[:])
         yield place(param, target, tensor), tensor
         return
+    if target.transpose or target.source_row is not None:
+        raise ValueError("transposed / row-sourced tensors (the VL layout's router tensors) are replicated, "
+                         "never split")
     if shard.rank0_only:
         if rank == 0:
             tensor = sl[:]

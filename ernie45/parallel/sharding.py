@@ -20,7 +20,7 @@ from torch import nn
 
 from ..models.attention import Attention
 from ..models.layers import Linear, SwiGLU
-from ..models.moe import Experts, MoeBlock
+from ..models.moe import Experts, ModalityMoeBlock, MoeBlock
 from ..quant.quantized_linear import QuantizedExperts, QuantizedLinear
 from .comm import Communicator
 from .layers import (
@@ -167,40 +167,59 @@ def _shard_moe(moe: MoeBlock, prefix: str, comm: Communicator, plan: dict[str, S
         _shard_swiglu(moe.shared_experts, f"{prefix}.shared_experts", comm, plan, "the shared experts' width")
 
 
+def _shard_layer(layer: nn.Module, prefix: str, comm: Communicator, plan: dict[str, Shard], expert_parallel: bool,
+                 placement: str) -> int:
+    """One decoder layer (attention + dense MLP / MoE / VL modality MoE), one all-reduce after each block;
+    returns the KV heads the rank holds."""
+    if type(layer.self_attn) is not Attention:
+        raise ValueError(f"{prefix}.self_attn: {type(layer.self_attn).__name__} cannot be tensor-parallel")
+    kv_heads = _shard_attention(layer.self_attn, f"{prefix}.self_attn", comm, plan)
+    mlp = layer.mlp
+    if type(mlp) is SwiGLU:
+        _shard_swiglu(mlp, f"{prefix}.mlp", comm, plan, "intermediate_size")
+    elif type(mlp) is MoeBlock:
+        _shard_moe(mlp, f"{prefix}.mlp", comm, plan, expert_parallel, placement)
+    elif type(mlp) is ModalityMoeBlock:
+        # VL: both modality expert groups split (or placed) alike; a token's partial sums (its group's experts plus
+        # the shared experts) complete in the block's one all-reduce, whichever group it routed to.
+        for group in ("text_moe", "vision_moe"):
+            _shard_moe(getattr(mlp, group), f"{prefix}.mlp.{group}", comm, plan, expert_parallel, placement)
+        if mlp.shared_experts is not None:
+            _shard_swiglu(mlp.shared_experts, f"{prefix}.mlp.shared_experts", comm, plan, "the shared experts' width")
+    else:
+        raise ValueError(f"{prefix}.mlp: {type(mlp).__name__} cannot be tensor-parallel")
+    layer.self_attn.register_forward_hook(all_reduce_output(comm))
+    mlp.register_forward_hook(all_reduce_output(comm))
+    return kv_heads
+
+
 def shard_model(model: nn.Module, comm: Communicator, expert_parallel: bool = False,
                 placement: str = "linear") -> dict[str, Shard]:
     """Swap `model`'s modules (on the meta device) for rank `comm.rank`'s share; returns the loader's plan
-    (parameter name -> `Shard`; parameters not named are replicated). Sets `model.kv_heads_per_rank`."""
-    config = model.config
-    inner = model.model
-    if getattr(inner, "num_mtp_layers", 0):
+    (parameter name -> `Shard`; parameters not named are replicated). Sets `model.kv_heads_per_rank`.
+
+    VL models: the language model is sharded like the text one; the vision tower and resampler stay whole on
+    every rank (rank 0 alone runs them, on each request's first prefill chunk, and the step's embeddings reach the
+    workers with the step's inputs)."""
+    lm = getattr(model.model, "language_model", model.model)
+    lm_prefix = "model.language_model" if lm is not model.model else "model"
+    config = lm.config
+    if getattr(lm, "num_mtp_layers", 0):
         raise ValueError("tensor parallelism does not shard MTP layers yet; build the model without them")
     if type(model.lm_head) is not Linear:
         raise ValueError(f"lm_head: a {type(model.lm_head).__name__} head cannot be split by vocabulary yet "
                          f"(quantize without quantize_lm_head to serve with tensor_parallel_size > 1)")
     plan: dict[str, Shard] = {}
-    device = inner.embed_tokens.weight.device
+    device = lm.embed_tokens.weight.device
     with torch.device(device):
-        inner.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, comm)
+        lm.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, comm)
         head = ParallelLMHead(config.vocab_size, config.hidden_size, model.lm_head.bias is not None, comm)
-    vocab = Shard(0, inner.embed_tokens.first, inner.embed_tokens.end)
-    plan["model.embed_tokens.weight"] = plan["lm_head.weight"] = plan["lm_head.bias"] = vocab
+    vocab = Shard(0, lm.embed_tokens.first, lm.embed_tokens.end)
+    plan[f"{lm_prefix}.embed_tokens.weight"] = plan["lm_head.weight"] = plan["lm_head.bias"] = vocab
     model.lm_head = head
     model.tie_weights()
     kv_heads = None
-    for i, layer in enumerate(inner.layers):
-        prefix = f"model.layers.{i}"
-        if type(layer.self_attn) is not Attention:
-            raise ValueError(f"{prefix}.self_attn: {type(layer.self_attn).__name__} cannot be tensor-parallel")
-        kv_heads = _shard_attention(layer.self_attn, f"{prefix}.self_attn", comm, plan)
-        if type(layer.mlp) is SwiGLU:
-            _shard_swiglu(layer.mlp, f"{prefix}.mlp", comm, plan, "intermediate_size")
-        elif type(layer.mlp) is MoeBlock:
-            _shard_moe(layer.mlp, f"{prefix}.mlp", comm, plan, expert_parallel, placement)
-        else:
-            raise ValueError(f"{prefix}.mlp: {type(layer.mlp).__name__} cannot be tensor-parallel (VL models are not "
-                             f"supported with tensor_parallel_size > 1 yet)")
-        layer.self_attn.register_forward_hook(all_reduce_output(comm))
-        layer.mlp.register_forward_hook(all_reduce_output(comm))
+    for i, layer in enumerate(lm.layers):
+        kv_heads = _shard_layer(layer, f"{lm_prefix}.layers.{i}", comm, plan, expert_parallel, placement)
     model.kv_heads_per_rank = kv_heads
     return plan

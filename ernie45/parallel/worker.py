@@ -4,6 +4,7 @@ Rank 0's engine (scheduler, sampler, block manager) announces each model call wi
 
     ("forward_inputs", ModelInputs, StepMetadata)   one step's flattened tokens and paged-attention metadata
     ("compute_logits", hidden)                      the rows rank 0 projects to logits (the LM head gathers them)
+    ("embed_input_ids", ids)                        a VL step's token embeddings (the vocab-parallel all-reduce)
     ("report",)                                     each rank's weight and KV bytes and collective counters
     ("reset_stats",)                                zero those counters
     ("probe", calls, numel, dtype)                  `calls` all-reduces of `numel` elements alone (benchmarks)
@@ -118,6 +119,8 @@ class WorkerLoop:
                 self.model.forward_inputs(inputs, metadata)
             elif kind == "compute_logits":
                 self.model.compute_logits(command[1].to(device))
+            elif kind == "embed_input_ids":
+                self.model.embed_input_ids(command[1].to(device))
             elif kind == "probe":
                 all_reduce_probe(self.comm, *command[1:])
             elif kind == "reset_stats":
